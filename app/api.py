@@ -1,0 +1,80 @@
+"""Local flask-smorest policy: the contract's error shape, JSON bodies parsed
+whatever their Content-Type, and the API-key checks."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from functools import wraps
+
+import flask_smorest
+from flask import current_app, request
+from webargs.flaskparser import FlaskParser
+
+from app import errors
+
+
+class Api(flask_smorest.Api):
+    """Documents and renders errors as ``{"error", "message", ...}``."""
+
+    ERROR_SCHEMA = errors.ErrorSchema
+
+    def handle_http_exception(self, error):
+        return errors.http_error_response(error)
+
+
+class JsonObjectParser(FlaskParser):
+    """Reads the body as JSON regardless of Content-Type.
+
+    The bot and curl users do not always send ``application/json``; the
+    contract answers 400 for a body that is not a JSON object, whatever its
+    type, instead of webargs' "missing field" 422.
+    """
+
+    def load_json(self, req, schema):
+        try:
+            data = json.loads(req.get_data(cache=True))
+        except (ValueError, RecursionError):
+            raise errors.BadRequest("The request body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise errors.BadRequest("The request body must be a JSON object.")
+        return data
+
+
+class Blueprint(flask_smorest.Blueprint):
+    ARGUMENTS_PARSER = JsonObjectParser()
+
+
+def _matches(given: str | None, keys) -> bool:
+    """Constant-time comparison against every accepted key (rotation)."""
+    if not given:
+        return False
+    given_bytes = given.encode("utf-8", "surrogateescape")
+    found = False
+    for key in keys:
+        # No early exit: the time taken does not tell which key matched.
+        found |= hmac.compare_digest(given_bytes, key.encode("utf-8"))
+    return found
+
+
+def require_api_key() -> None:
+    """``before_request`` hook: any configured API key opens the chat API."""
+    keys = current_app.config["API_KEYS"]
+    if current_app.config["ADMIN_API_KEY"]:
+        keys = (*keys, current_app.config["ADMIN_API_KEY"])
+    if not _matches(request.headers.get("X-API-KEY"), keys):
+        raise errors.Forbidden()
+
+
+def admin_required(view):
+    """Admin endpoints take ADMIN_API_KEY when set, else the ordinary key."""
+
+    @wraps(view)
+    def wrapper(*args, **kwargs):
+        admin_key = current_app.config["ADMIN_API_KEY"]
+        keys = (admin_key,) if admin_key else current_app.config["API_KEYS"]
+        if not _matches(request.headers.get("X-API-KEY"), keys):
+            raise errors.Forbidden()
+        return view(*args, **kwargs)
+
+    return wrapper

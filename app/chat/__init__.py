@@ -1,0 +1,1 @@
+"""The chat feature: routes, schemas, use cases, quota, prompts, idempotency."""

@@ -1,0 +1,130 @@
+"""HTTP routes of the chat API: parse, delegate to the service, dump."""
+
+from __future__ import annotations
+
+from flask.views import MethodView
+
+from app.api import Blueprint, admin_required, require_api_key
+from app.chat import schemas, service
+from app.errors import ErrorSchema, ValidationFailed
+
+blp = Blueprint(
+    "chat", __name__, url_prefix="/v1/chat", description="AI assistant for Wildberries sellers"
+)
+blp.before_request(require_api_key)
+
+RATE_LIMIT_HEADERS = {
+    "RateLimit-Policy": {"description": 'e.g. "daily";q=30;w=86400', "schema": {"type": "string"}},
+    "RateLimit": {"description": 'e.g. "daily";r=29;t=3600', "schema": {"type": "string"}},
+    "Server-Timing": {"description": "quota, context, llm, save, total (ms)",
+                      "schema": {"type": "string"}},
+}
+
+
+def _errors(*statuses):
+    """Document the error answers an endpoint can give, in the error shape."""
+
+    def decorate(view):
+        for status in (403, *statuses):
+            view = blp.alt_response(status, schema=ErrorSchema, description=_DESCRIPTIONS[status])(
+                view
+            )
+        return view
+
+    return decorate
+
+
+_DESCRIPTIONS = {
+    400: "Body is not a JSON object / bad query parameter",
+    403: "Missing or wrong X-API-KEY",
+    409: "Same request_id still being answered",
+    413: "Body larger than MAX_CONTENT_LENGTH",
+    422: "Schema violation or idempotency key reused",
+    429: "Daily quota used up",
+    502: "LLM failed",
+    503: "LLM not configured or database unavailable",
+    504: "LLM timed out",
+}
+
+
+def checked_telegram_id(telegram_id: int) -> int:
+    """Path ids obey the body's rule: 1 … 2^63−1."""
+    if not 1 <= telegram_id <= schemas.MAX_BIGINT:
+        raise ValidationFailed(errors={"telegram_id": ["Must be between 1 and 2^63-1."]})
+    return telegram_id
+
+
+def server_timing(timings: dict) -> str:
+    return ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())
+
+
+@blp.route("/send")
+class Send(MethodView):
+    @blp.arguments(schemas.IdempotencyHeader, location="headers", as_kwargs=True)
+    @blp.arguments(schemas.SendRequest)
+    @blp.response(200, schemas.SendResponse, headers=RATE_LIMIT_HEADERS)
+    @_errors(400, 409, 413, 422, 429, 502, 503, 504)
+    def post(self, body, idempotency_key=None):
+        """Answer a seller's question, spending one unit of the daily quota"""
+        request_id = body["request_id"]
+        if idempotency_key and request_id and idempotency_key != request_id:
+            raise ValidationFailed(
+                errors={"request_id": ["Differs from the Idempotency-Key header."]}
+            )
+        answer = service.send_message(
+            service.SendCommand(**{**body, "request_id": request_id or idempotency_key})
+        )
+        headers = service.rate_limit_headers(answer.usage, answer.day)
+        if answer.timings:
+            headers["Server-Timing"] = server_timing(answer.timings)
+        return answer.to_dict(), headers
+
+
+@blp.route("/history")
+class History(MethodView):
+    @blp.arguments(schemas.HistoryRequest)
+    @blp.response(200, schemas.HistoryResponse)
+    @_errors(400, 413, 422, 503)
+    def post(self, body):
+        """A page of the user's exchanges, newest first"""
+        return service.history(**body)
+
+
+@blp.route("/history/<int(signed=True):telegram_id>")
+class HistoryOfUser(MethodView):
+    @blp.response(200, schemas.DeleteHistoryResponse)
+    @_errors(422, 503)
+    def delete(self, telegram_id):
+        """Delete the user's whole history (quota counters stay)"""
+        return service.delete_history(checked_telegram_id(telegram_id))
+
+
+@blp.route("/limits/<int(signed=True):telegram_id>")
+class Limits(MethodView):
+    @blp.response(200, schemas.LimitsResponse)
+    @_errors(422, 503)
+    def get(self, telegram_id):
+        """Today's usage of the daily quota"""
+        return service.limits(checked_telegram_id(telegram_id))
+
+
+@blp.route("/reset-limit")
+class ResetLimit(MethodView):
+    decorators = [admin_required]
+
+    @blp.arguments(schemas.ResetLimitRequest)
+    @blp.response(200, schemas.ResetLimitResponse)
+    @_errors(400, 413, 422, 503)
+    def post(self, body):
+        """Zero the user's counter for today (admin key)"""
+        return service.reset_limit(**body)
+
+
+@blp.route("/stats/<int(signed=True):telegram_id>")
+class Stats(MethodView):
+    @blp.arguments(schemas.StatsQuery, location="query", error_status_code=400)
+    @blp.response(200, schemas.StatsResponse)
+    @_errors(400, 422, 503)
+    def get(self, query, telegram_id):
+        """Answers and tokens over the last `days` days"""
+        return service.stats(checked_telegram_id(telegram_id), query["days"])

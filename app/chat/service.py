@@ -1,0 +1,327 @@
+"""The chat use cases: send, history, limits, reset, stats.
+
+Each function commits or rolls back its own work and raises the domain errors
+of ``app.errors``. No connection is held while the model thinks: the quota
+reservation and the context read commit before the LLM call, and the answer
+is saved in a second short transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import OperationalError
+
+from app import metrics
+from app.chat import idempotency, prompts, quota
+from app.chat.quota import Day, Usage
+from app.errors import ApiError, DailyLimitExceeded
+from app.extensions import db
+from app.logs import annotate
+from app.models import ChatRequest
+from app.user_context import fetch_user_context
+
+log = logging.getLogger(__name__)
+
+# Writes after a successful answer are retried this many times on a database
+# blip: the answer is already paid for, and losing it is worse than waiting.
+AFTER_ANSWER_WRITE_ATTEMPTS = 4
+
+
+@dataclass(frozen=True)
+class SendCommand:
+    telegram_id: int
+    message: str
+    user_context: str | None = None
+    user_id: int | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class Answer:
+    response: str
+    tokens_used: int
+    usage: Usage
+    day: Day
+    replayed: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "response": self.response,
+            "remaining_requests": self.usage.remaining,
+            "tokens_used": self.tokens_used,
+            "daily_limit": self.usage.limit,
+        }
+
+
+class Stopwatch:
+    """Milliseconds per phase, for the Server-Timing header."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._started = self._mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = (now - self._mark) * 1000
+        self._mark = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = (time.perf_counter() - self._started) * 1000
+        return self.timings
+
+
+def current_day() -> Day:
+    config = current_app.config
+    return Day(now=config["CLOCK"](), timezone=config["TIMEZONE"])
+
+
+def rate_limit_headers(usage: Usage, day: Day) -> dict[str, str]:
+    """IETF RateLimit headers; absent when the quota is unlimited."""
+    if usage.unlimited:
+        return {}
+    return {
+        "RateLimit-Policy": f'"daily";q={usage.limit};w=86400',
+        "RateLimit": f'"daily";r={usage.remaining};t={day.seconds_left}',
+    }
+
+
+def _limit_exceeded(usage: Usage, day: Day) -> DailyLimitExceeded:
+    headers = rate_limit_headers(usage, day)
+    headers["Retry-After"] = str(day.seconds_left)
+    return DailyLimitExceeded(
+        headers=headers,
+        daily_limit=usage.limit,
+        requests_today=usage.used,
+        requests_remaining=0,
+        reset_at=day.reset_at.isoformat(),
+    )
+
+
+def recent_exchanges(telegram_id: int, count: int) -> list[tuple[str, str]]:
+    """The user's last ``count`` exchanges, oldest first."""
+    if count <= 0:
+        return []
+    rows = db.session.execute(
+        select(ChatRequest.message, ChatRequest.response)
+        .where(ChatRequest.telegram_id == telegram_id)
+        .order_by(ChatRequest.id.desc())
+        .limit(count)
+    ).all()
+    return [(row.message, row.response) for row in reversed(rows)]
+
+
+def _with_write_retries(action, what: str) -> bool:
+    """Run and commit ``action``, retrying database outages briefly."""
+    for attempt in range(AFTER_ANSWER_WRITE_ATTEMPTS):
+        try:
+            result = action()
+            db.session.commit()
+            return result
+        except OperationalError:
+            db.session.rollback()
+            if attempt + 1 == AFTER_ANSWER_WRITE_ATTEMPTS:
+                log.error("could not %s: database unavailable", what)
+                raise
+            time.sleep(0.25 * 2**attempt)
+
+
+def send_message(command: SendCommand) -> Answer:
+    """Answer a seller's message, spending one unit of quota only on success.
+
+    Raises:
+        DailyLimitExceeded: the user's quota for today is used up.
+        RequestInProgress, IdempotencyKeyReused: see ``idempotency.claim_key``.
+        LLMNotConfigured, LLMUnavailable, LLMTimeout: the model gave no answer.
+        sqlalchemy OperationalError: the database is unreachable (→ 503).
+    """
+    config = current_app.config
+    limit = config["DAILY_LIMIT"]
+    day = current_day()
+    watch = Stopwatch()
+    annotate(telegram_id=command.telegram_id, message_chars=len(command.message))
+
+    claim_id = None
+    if command.request_id:
+        claim_ttl = config["LLM_DEADLINE"] + config["USER_CONTEXT_TIMEOUT"] + 30
+        claimed = idempotency.claim_key(
+            command.telegram_id, command.request_id, command.message, day.now, claim_ttl
+        )
+        db.session.commit()
+        if isinstance(claimed, idempotency.StoredAnswer):
+            used = quota.used_today(command.telegram_id, day)
+            db.session.commit()
+            metrics.IDEMPOTENT_REPLAYS.inc()
+            annotate(outcome="replayed")
+            return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day, True)
+        claim_id = claimed
+
+    used = quota.reserve_quota(command.telegram_id, day, limit)
+    if used is None:
+        db.session.rollback()
+        metrics.QUOTA_REJECTIONS.inc()
+        annotate(outcome="limit_exceeded")
+        if claim_id is not None:
+            _with_write_retries(lambda: idempotency.release_key(claim_id), "release a key")
+        raise _limit_exceeded(Usage(limit, limit), day)
+    metrics.QUOTA_RESERVATIONS.inc()
+    watch.lap("quota")
+
+    try:
+        exchanges = recent_exchanges(command.telegram_id, config["CONTEXT_MESSAGES"])
+        # Commit the reservation with the read: no connection is held from
+        # here until the answer is back.
+        db.session.commit()
+        watch.lap("context")
+        user_context = _personalisation(command)
+        messages = prompts.build_messages(
+            command.message, exchanges, user_context, config["CONTEXT_MAX_CHARS"]
+        )
+        completion = current_app.extensions["llm"].complete(messages)
+        watch.lap("llm")
+    except BaseException as error:
+        db.session.rollback()
+        _give_back(command.telegram_id, day, claim_id, error)
+        raise
+
+    def save():
+        # A fresh row per attempt: a rolled-back flush leaves ids behind.
+        row = ChatRequest(
+            telegram_id=command.telegram_id,
+            user_id=command.user_id,
+            message=command.message,
+            response=completion.text,
+            tokens_used=completion.tokens,
+            request_date=day.today,
+            created_at=day.now,
+        )
+        db.session.add(row)
+        if claim_id is not None:
+            db.session.flush()
+            idempotency.complete_key(claim_id, row.id)
+
+    try:
+        _with_write_retries(save, "save an answered exchange")
+    except OperationalError:
+        # The seller gets the answer they were charged for; only the history
+        # row is missing. Logged above for the operator.
+        pass
+    except Exception as error:
+        db.session.rollback()
+        _give_back(command.telegram_id, day, claim_id, error)
+        raise
+    watch.lap("save")
+    timings = watch.total()
+    for phase, ms in timings.items():
+        metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
+    annotate(outcome="answered", llm_ms=round(timings["llm"], 1), tokens=completion.tokens)
+    return Answer(completion.text, completion.tokens, Usage(limit, used), day, timings=timings)
+
+
+def _personalisation(command: SendCommand) -> str | None:
+    """The request's own context, or the main server's when none was given."""
+    if command.user_context is not None:
+        return command.user_context or None
+    config = current_app.config
+    if not config["USER_CONTEXT_URL"]:
+        return None
+    text, outcome = fetch_user_context(
+        config["USER_CONTEXT_URL"],
+        command.telegram_id,
+        config["USER_CONTEXT_API_KEY"],
+        config["USER_CONTEXT_TIMEOUT"],
+    )
+    metrics.USER_CONTEXT_FETCHES.labels(outcome).inc()
+    return text
+
+
+def _give_back(telegram_id: int, day: Day, claim_id: int | None, error: BaseException) -> None:
+    """Refund the unit and free the key of a request that got no answer."""
+    if not isinstance(error, ApiError):
+        log.error("send failed after the reservation: %s", type(error).__name__)
+
+    def undo():
+        quota.refund_quota(telegram_id, day)
+        if claim_id is not None:
+            idempotency.release_key(claim_id)
+
+    annotate(outcome=getattr(error, "code", "internal_error"))
+    try:
+        _with_write_retries(undo, "refund a reserved unit")
+        metrics.QUOTA_REFUNDS.inc()
+    except OperationalError:
+        log.error("quota unit of telegram_id=%s not refunded", telegram_id)
+
+
+# --- read and admin use cases --------------------------------------------------
+
+
+def history(telegram_id: int, limit: int, offset: int) -> dict:
+    """A page of the user's exchanges, newest first."""
+    by_user = ChatRequest.telegram_id == telegram_id
+    total = db.session.execute(select(func.count()).where(by_user)).scalar_one()
+    rows = db.session.execute(
+        select(ChatRequest).where(by_user).order_by(ChatRequest.id.desc())
+        .limit(limit).offset(offset)
+    ).scalars().all()
+    db.session.commit()
+    return {"items": rows, "total": total, "limit": limit, "offset": offset}
+
+
+def delete_history(telegram_id: int) -> dict:
+    """Forget the user's exchanges and idempotency keys; quota counters stay."""
+    idempotency.forget_keys(telegram_id)
+    deleted = db.session.execute(
+        delete(ChatRequest).where(ChatRequest.telegram_id == telegram_id)
+    ).rowcount
+    db.session.commit()
+    return {"telegram_id": telegram_id, "deleted": deleted}
+
+
+def limits(telegram_id: int) -> dict:
+    """Today's usage; reading it changes nothing."""
+    day = current_day()
+    limit = current_app.config["DAILY_LIMIT"]
+    usage = Usage(limit, quota.used_today(telegram_id, day))
+    db.session.commit()
+    return {
+        "telegram_id": telegram_id,
+        "requests_today": usage.used,
+        "requests_remaining": usage.remaining,
+        "daily_limit": limit,
+        "reset_date": day.today,
+    }
+
+
+def reset_limit(telegram_id: int) -> dict:
+    """Zero the user's counter for today (admin)."""
+    found = quota.reset_quota(telegram_id, current_day())
+    db.session.commit()
+    if found:
+        return {"success": True, "message": f"Лимит пользователя {telegram_id} успешно сброшен"}
+    return {"success": False, "message": f"Пользователь {telegram_id} не найден"}
+
+
+def stats(telegram_id: int, days: int) -> dict:
+    """Answers and tokens over the last ``days`` days, today included."""
+    since = current_day().today - timedelta(days=days - 1)
+    requests, tokens = db.session.execute(
+        select(func.count(), func.coalesce(func.sum(ChatRequest.tokens_used), 0)).where(
+            ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since
+        )
+    ).one()
+    db.session.commit()
+    return {
+        "telegram_id": telegram_id,
+        "days": days,
+        "total_requests": requests,
+        "total_tokens": int(tokens),
+        "avg_requests_per_day": round(requests / days, 2),
+        "avg_tokens_per_request": round(tokens / requests, 2) if requests else 0,
+    }

@@ -1,0 +1,143 @@
+"""Configuration: the only module that reads the environment.
+
+Every setting is parsed once into a typed value and handed to Flask's
+``app.config``; the rest of the code reads it from there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "ai_chat.db"
+
+
+class ConfigError(SystemExit):
+    """A setting is missing or malformed; the message names what to set.
+
+    It is a ``SystemExit`` so that gunicorn, ``flask`` and ``python`` all stop
+    with this one line and a non-zero status instead of a traceback.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(f"ai_chat: configuration error: {message}")
+
+
+def _text(env: Mapping, name: str, default: str | None = None) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return default
+    value = str(value).strip()
+    return value if value else default
+
+
+def _number(env: Mapping, name: str, default, kind, minimum=None, maximum=None):
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ConfigError(f"{name}={raw!r} must be between {minimum} and {maximum}")
+    return value
+
+
+def _keys(raw: str | None) -> tuple[str, ...]:
+    return tuple(key.strip() for key in (raw or "").split(",") if key.strip())
+
+
+def database_url(env: Mapping) -> str:
+    """The SQLAlchemy URL, with PostgreSQL URLs pinned to psycopg2.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and the old
+    service used ``postgresql+asyncpg://``; we ship psycopg2-binary only.
+    """
+    url = _text(env, "AI_CHAT_DATABASE_URL") or _text(env, "DATABASE_URL")
+    if url is None:
+        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.split("+")[0] in ("postgres", "postgresql"):
+        return f"postgresql+psycopg2://{rest}"
+    return url
+
+
+def _engine_options(url: str, pool_size: int, max_overflow: int) -> dict:
+    if url.startswith("sqlite"):
+        # SQLite serialises writers; wait for the lock instead of failing.
+        return {"connect_args": {"timeout": 15, "check_same_thread": False}}
+    return {
+        "pool_size": pool_size,
+        "max_overflow": max_overflow,
+        # Fail fast (503) instead of hanging when the pool or the server is gone.
+        "pool_timeout": 5,
+        "pool_recycle": 1800,
+        "connect_args": {
+            "connect_timeout": 3,
+            "options": "-c statement_timeout=5000 -c lock_timeout=3000",
+            "application_name": "ai_chat",
+        },
+    }
+
+
+def load_config(env: Mapping) -> dict:
+    """Parse the environment mapping into Flask config values.
+
+    Raises:
+        ConfigError: when ``API_SECRET_KEY`` is missing or a number is malformed.
+    """
+    api_keys = _keys(_text(env, "API_SECRET_KEY"))
+    if not api_keys:
+        raise ConfigError(
+            "API_SECRET_KEY is not set; set API_SECRET_KEY=<key> "
+            "(comma-separated for rotation) in the environment or .env"
+        )
+    timezone_name = _text(env, "AI_CHAT_TIMEZONE", "Europe/Moscow")
+    try:
+        timezone = ZoneInfo(timezone_name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"AI_CHAT_TIMEZONE={timezone_name!r} is not a known time zone") from None
+
+    url = database_url(env)
+    threads = _number(env, "GUNICORN_THREADS", 100, int, 1)
+    pool_size = _number(env, "DB_POOL_SIZE", min(threads, 10), int, 1)
+    max_overflow = _number(env, "DB_MAX_OVERFLOW", 10, int, 0)
+    deadline = _number(env, "LLM_DEADLINE", 45.0, float, 1.0, 600.0)
+    return {
+        "API_KEYS": api_keys,
+        "ADMIN_API_KEY": _text(env, "ADMIN_API_KEY"),
+        "SQLALCHEMY_DATABASE_URI": url,
+        "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(url, pool_size, max_overflow),
+        "MAX_CONTENT_LENGTH": _number(env, "MAX_CONTENT_LENGTH", 64 * 1024, int, 1024),
+        "OPENAI_API_KEY": _text(env, "OPENAI_API_KEY"),
+        "OPENAI_BASE_URL": _text(env, "OPENAI_BASE_URL"),
+        "OPENAI_MODEL": _text(env, "OPENAI_MODEL", "gpt-4o-mini"),
+        "OPENAI_TEMPERATURE": _number(env, "OPENAI_TEMPERATURE", 0.7, float, 0.0, 2.0),
+        "OPENAI_MAX_TOKENS": _number(env, "OPENAI_MAX_TOKENS", 1000, int, 1),
+        "OPENAI_TIMEOUT": _number(env, "OPENAI_TIMEOUT", min(20.0, deadline), float, 0.1),
+        "OPENAI_MAX_RETRIES": _number(env, "OPENAI_MAX_RETRIES", 2, int, 0, 10),
+        "OPENAI_RETRY_BASE_DELAY": _number(env, "OPENAI_RETRY_BASE_DELAY", 0.5, float, 0.0, 10.0),
+        "LLM_DEADLINE": deadline,
+        "DAILY_LIMIT": _number(env, "DAILY_LIMIT", 30, int, 0),
+        "TIMEZONE": timezone,
+        "CONTEXT_MESSAGES": _number(env, "CONTEXT_MESSAGES", 5, int, 0, 100),
+        "CONTEXT_MAX_CHARS": _number(env, "CONTEXT_MAX_CHARS", 12000, int, 0),
+        "USER_CONTEXT_URL": _text(env, "USER_CONTEXT_URL"),
+        "USER_CONTEXT_TIMEOUT": _number(env, "USER_CONTEXT_TIMEOUT", 2.0, float, 0.05, 30.0),
+        "USER_CONTEXT_API_KEY": _text(env, "USER_CONTEXT_API_KEY", api_keys[0]),
+        "PROXY_FIX_COUNT": _number(env, "PROXY_FIX_COUNT", 0, int, 0, 10),
+        "LOG_LEVEL": (_text(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
+        "LOG_FORMAT": _text(env, "LOG_FORMAT", "json"),
+    }
+
+
+def environ() -> dict:
+    """The process environment (``.env`` applied underneath it)."""
+    from dotenv import dotenv_values
+
+    return {**dotenv_values(PROJECT_ROOT / ".env"), **os.environ}

@@ -1,0 +1,170 @@
+"""Domain exceptions and the one JSON error shape of the contract.
+
+Every error leaves the service as ``{"error": <snake_case code>, "message":
+<text>, ...}``. Services raise the exceptions below; ``register_error_handlers``
+maps them, werkzeug's HTTP errors and database outages to that shape, so no
+view carries a try/except and no exception text ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import marshmallow as ma
+from flask import Flask, g
+from sqlalchemy import exc as sa_exc
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Base of the errors the API reports; ``extra`` joins the JSON body."""
+
+    status = 500
+    code = "internal_error"
+    message = "Внутренняя ошибка сервиса. Попробуйте позже."
+
+    def __init__(self, message: str | None = None, *, headers=None, **extra):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.headers = headers or {}
+        self.extra = extra
+
+
+class Forbidden(ApiError):
+    status, code, message = 403, "forbidden", "Missing or invalid X-API-KEY."
+
+
+class BadRequest(ApiError):
+    status, code, message = 400, "bad_request", "The request body must be a JSON object."
+
+
+class ValidationFailed(ApiError):
+    status, code, message = 422, "validation_error", "The request does not match the schema."
+
+
+class DailyLimitExceeded(ApiError):
+    status, code = 429, "daily_limit_exceeded"
+    message = "Дневной лимит запросов к AI-ассистенту исчерпан. Попробуйте завтра."
+
+
+class RequestInProgress(ApiError):
+    status, code = 409, "request_in_progress"
+    message = "A request with this request_id is still being answered; retry later."
+
+
+class IdempotencyKeyReused(ApiError):
+    status, code = 422, "idempotency_key_reused"
+    message = "This request_id was already used with a different message."
+
+
+class LLMNotConfigured(ApiError):
+    status, code = 503, "llm_not_configured"
+    message = "AI-ассистент временно недоступен: сервис не настроен. Попробуйте позже."
+
+
+class LLMUnavailable(ApiError):
+    status, code = 502, "llm_unavailable"
+    message = "AI-ассистент временно недоступен. Попробуйте позже, лимит не списан."
+
+
+class LLMTimeout(ApiError):
+    status, code = 504, "llm_timeout"
+    message = "AI-ассистент не успел ответить. Попробуйте ещё раз, лимит не списан."
+
+
+class DatabaseUnavailable(ApiError):
+    status, code = 503, "database_unavailable"
+    message = "Сервис временно недоступен. Попробуйте позже."
+
+
+# Werkzeug's own HTTP errors, named the contract's way.
+_HTTP_CODES = {
+    400: ("bad_request", "Invalid request parameters."),
+    403: ("forbidden", Forbidden.message),
+    404: ("not_found", "No such endpoint."),
+    405: ("method_not_allowed", "Method not allowed for this endpoint."),
+    413: ("payload_too_large", "The request body is too large."),
+    415: ("unsupported_media_type", "Unsupported media type."),
+    422: ("validation_error", ValidationFailed.message),
+}
+
+
+class ErrorSchema(ma.Schema):
+    """The error body of every non-2xx answer (documentation only)."""
+
+    error = ma.fields.String(required=True, metadata={"description": "Stable snake_case code"})
+    message = ma.fields.String(required=True, metadata={"description": "Human-readable text"})
+    errors = ma.fields.Dict(metadata={"description": "Per-field validation messages"})
+    request_id = ma.fields.String(metadata={"description": "Id to quote to the operator (500)"})
+    daily_limit = ma.fields.Integer(metadata={"description": "429 only"})
+    requests_today = ma.fields.Integer(metadata={"description": "429 only"})
+    requests_remaining = ma.fields.Integer(metadata={"description": "429 only"})
+    reset_at = ma.fields.String(metadata={"description": "429 only, ISO 8601"})
+
+    class Meta:
+        unknown = ma.INCLUDE
+
+
+def _flatten_field_errors(messages) -> dict:
+    """webargs nests messages by location ({"json": {...}}); the contract wants fields."""
+    if not isinstance(messages, dict):
+        return {"_schema": messages}
+    flat: dict = {}
+    for location, errors in messages.items():
+        if isinstance(errors, dict):
+            flat.update(errors)
+        else:
+            flat[location] = errors
+    return flat
+
+
+def error_body(error: ApiError) -> dict:
+    return {"error": error.code, "message": error.message, **error.extra}
+
+
+def http_error_response(error: HTTPException):
+    """werkzeug / webargs HTTP errors → the contract shape."""
+    if error.code is not None and error.code >= 500:
+        return unexpected_error_response(error)
+    code, message = _HTTP_CODES.get(error.code, ("http_error", error.name))
+    body = {"error": code, "message": message}
+    data = getattr(error, "data", None) or {}
+    messages = data.get("messages")
+    if messages:
+        body["errors"] = _flatten_field_errors(messages)
+    return body, error.code, data.get("headers") or {}
+
+
+def api_error_response(error: ApiError):
+    return error_body(error), error.status, error.headers
+
+
+def database_error_response(error: Exception):
+    from app.metrics import DATABASE_ERRORS
+
+    DATABASE_ERRORS.inc()
+    log.error("database unavailable: %s", type(error).__name__)
+    return api_error_response(DatabaseUnavailable())
+
+
+def unexpected_error_response(error: Exception):
+    request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
+    original = getattr(error, "original_exception", None) or error
+    log.error("unexpected error (request %s)", request_id, exc_info=original)
+    body = error_body(ApiError())
+    body["request_id"] = request_id
+    return body, 500
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the handlers; the most specific class wins in Flask."""
+    app.register_error_handler(ApiError, api_error_response)
+    app.register_error_handler(HTTPException, http_error_response)
+    # Connection refused, server gone, pool exhausted: an outage, not a bug.
+    app.register_error_handler(sa_exc.OperationalError, database_error_response)
+    app.register_error_handler(sa_exc.InterfaceError, database_error_response)
+    app.register_error_handler(sa_exc.TimeoutError, database_error_response)
+    app.register_error_handler(Exception, unexpected_error_response)

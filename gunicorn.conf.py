@@ -1,0 +1,202 @@
+"""Gunicorn configuration of the AI Chat Service (flat, in the style of gunicorn's
+examples/example_config.py).
+
+Every value can be changed from the environment (or `.env`); the defaults are what
+one 2-core box needs. Command-line flags (`gunicorn -b ...`) still win over this file.
+"""
+
+import glob
+import math
+import os
+import shutil
+import tempfile
+from contextlib import suppress
+
+from dotenv import load_dotenv
+
+# `.env` first, so AI_CHAT_PORT, WEB_CONCURRENCY, LLM_DEADLINE ... set there apply to
+# the server itself and not only to the app. The path is explicit (next to this file)
+# so a `.env` in some parent directory is never picked up by accident. Values already
+# in the real environment win (override=False), as in the app.
+load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+
+
+def _config_error(message):
+    """Stop with one line; SystemExit passes gunicorn's config loader untouched."""
+    # The private metrics directory below is already made by then; do not leak it.
+    if os.environ.get("AI_CHAT_METRICS_TMPDIR"):
+        shutil.rmtree(os.environ["AI_CHAT_METRICS_TMPDIR"], ignore_errors=True)
+    raise SystemExit(f"gunicorn.conf.py: {message}")
+
+
+def _env_str(name, default):
+    """A string setting; unset or empty means the default."""
+    return os.environ.get(name, "").strip() or default
+
+
+def _env_number(name, default):
+    """A non-negative number setting, or a one-line exit naming the bad variable."""
+    raw = _env_str(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        _config_error(f"{name} must be a non-negative number, got {raw!r}")
+    return value
+
+
+def _env_int(name, default):
+    """An integer setting (>= 1), or a one-line exit naming the bad variable."""
+    raw = _env_str(name, "")
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        _config_error(f"{name} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+#
+# Prometheus multiprocess mode
+#
+#   Several worker processes each count their own requests; prometheus_client merges
+#   them only when PROMETHEUS_MULTIPROC_DIR is set before it is first imported. This
+#   file is executed by the master before the app is loaded (preload_app), so this is
+#   the place.
+#
+#   Unset: a fresh private directory per server, so two servers on one machine (tests,
+#   benchmarks) never mix their counters; it is removed again in on_exit below.
+#   Set: the directory is created if needed and emptied of *.db files left by an
+#   earlier run, so a restart does not resurrect old counters.
+#
+#   A SIGHUP reload executes this file again in the same master while workers are
+#   still alive: the pid marker skips the cleanup then, so live counters survive.
+#
+
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+if not _metrics_dir:
+    _metrics_dir = tempfile.mkdtemp(prefix="ai-chat-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+    os.environ["AI_CHAT_METRICS_TMPDIR"] = _metrics_dir
+elif os.environ.get("AI_CHAT_METRICS_MASTER_PID") != str(os.getpid()):
+    os.makedirs(_metrics_dir, exist_ok=True)
+    for _stale in glob.glob(os.path.join(_metrics_dir, "*.db")):
+        with suppress(FileNotFoundError):
+            os.remove(_stale)
+os.environ["AI_CHAT_METRICS_MASTER_PID"] = str(os.getpid())
+
+#
+# Server socket
+#
+#   bind - GUNICORN_BIND ("host:port", "unix:/path") wins; otherwise GUNICORN_HOST
+#       (all interfaces by default: in a container the port is only reachable
+#       through Docker's network anyway) and AI_CHAT_PORT, the variable the
+#       existing service and the bot already use.
+#
+
+bind = _env_str(
+    "GUNICORN_BIND",
+    f"{_env_str('GUNICORN_HOST', '0.0.0.0')}:{_env_int('AI_CHAT_PORT', 9001)}",
+)
+
+#
+# Worker processes
+#
+#   worker_class - gthread: a request spends almost all its time waiting for the
+#       LLM (seconds), and a waiting thread holds no CPU, so threads are the cheap
+#       way to overlap many slow calls in a synchronous Flask app.
+#   workers - WEB_CONCURRENCY, default 2: one per core of the target 2-core box;
+#       more processes would not add throughput, only memory.
+#   threads - GUNICORN_THREADS, default 100: 2 x 100 = 200 LLM calls in flight per
+#       box. Each thread needs a database connection only around its short
+#       queries, but keep workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) x instances
+#       below PostgreSQL's max_connections.
+#   timeout - LLM_DEADLINE + 15 s. gthread heartbeats from its main loop, not from
+#       the request thread, but a worker must never be killed while a legitimate
+#       LLM call is still inside its deadline, whatever the worker type.
+#   graceful_timeout - LLM_DEADLINE + 5 s: on SIGTERM/redeploy, answers already
+#       being generated are finished (the user's quota is already reserved for
+#       them) before the worker is forced down.
+#   keepalive - 5 s: nginx keeps upstream connections open (keepalive 64), so idle
+#       keep-alive connections are worth holding a little longer than the default.
+#
+
+_llm_deadline = math.ceil(_env_number("LLM_DEADLINE", 45))
+
+worker_class = "gthread"
+workers = _env_int("WEB_CONCURRENCY", 2)
+threads = _env_int("GUNICORN_THREADS", 100)
+timeout = _llm_deadline + 15
+graceful_timeout = _llm_deadline + 5
+keepalive = 5
+
+#
+# Server mechanics
+#
+#   preload_app - the app is built once in the master: a configuration error
+#       (e.g. no API_SECRET_KEY) stops the master with create_app's one-line
+#       message instead of every worker crashing in a loop, and workers share the
+#       loaded code copy-on-write. create_app opens no connections, so nothing
+#       is shared across the fork.
+#   worker_tmp_dir - the heartbeat file lives in RAM when /dev/shm exists; on a
+#       disk-backed /tmp (Docker's overlayfs) the heartbeat fchmod can stall.
+#   control_socket_disable - gunicorn >= 25 opens a control socket at one fixed
+#       path per user ($HOME/.gunicorn/gunicorn.ctl), so a second server on the
+#       same machine (tests, benchmarks, two instances) would collide with the
+#       first. We do not use gunicornc.
+#   forwarded_allow_ips - addresses whose X-Forwarded-Proto gunicorn trusts for
+#       wsgi.url_scheme (FORWARDED_ALLOW_IPS, default 127.0.0.1). Client addresses
+#       behind nginx are handled by the app's ProxyFix (PROXY_FIX_COUNT).
+#
+
+preload_app = True
+if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+    worker_tmp_dir = "/dev/shm"
+control_socket_disable = True
+forwarded_allow_ips = _env_str("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+#
+# Logging
+#
+#   accesslog - off: the app writes one structured line per request itself (with
+#       its request id and timings); a second access log would only duplicate it.
+#   errorlog - stderr, collected by Docker / systemd with the app's own logs.
+#   loglevel - LOG_LEVEL, the same variable the app uses.
+#
+
+accesslog = None
+errorlog = "-"
+loglevel = _env_str("LOG_LEVEL", "info").lower()
+
+#
+# Process naming
+#
+
+proc_name = "ai-chat"
+
+#
+# Server hooks
+#
+#   child_exit - a dead worker's live gauges must stop counting; its counters
+#       stay merged into the totals (prometheus_client's multiprocess contract).
+#   on_exit - remove the private metrics directory this file created, so test and
+#       benchmark runs do not fill /tmp. A directory given by the operator stays.
+#       (Not meant for USR2 binary upgrades: the old master would remove the
+#       directory the new one inherited. Containers restart instead.)
+#
+
+
+def child_exit(server, worker):
+    # Imported here, never at the top: prometheus_client must first see
+    # PROMETHEUS_MULTIPROC_DIR, which is set above.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    owned = os.environ.get("AI_CHAT_METRICS_TMPDIR")
+    if owned and owned == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(owned, ignore_errors=True)

@@ -1,0 +1,211 @@
+"""Shared fixtures: a throwaway PostgreSQL database migrated once per session,
+a fake OpenAI-compatible server on loopback, and apps built from env-style
+overrides, layered app → client → api helpers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from datetime import UTC, datetime
+
+import psycopg2
+import pytest
+from flask_migrate import upgrade
+from werkzeug.serving import make_server
+
+from app import create_app
+from tests.fake_llm import FakeLLM
+
+ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres")
+API_KEY = "test-key"
+TABLES = ("ai_chat_idempotency_keys", "ai_chat_requests", "ai_chat_daily_limits")
+
+
+def pg_connect(dbname: str):
+    connection = psycopg2.connect(f"{ADMIN_DSN} dbname={dbname}")
+    connection.autocommit = True
+    return connection
+
+
+def dsn_to_url(dbname: str) -> str:
+    parts = dict(item.split("=", 1) for item in ADMIN_DSN.split())
+    user = parts.get("user", "postgres")
+    host = parts.get("host", "127.0.0.1")
+    port = parts.get("port", "5432")
+    return f"postgresql://{user}@{host}:{port}/{dbname}"
+
+
+@pytest.fixture(scope="session")
+def database_name():
+    """A fresh PostgreSQL database for this test session, dropped afterwards."""
+    name = f"ai_chat_test_{uuid.uuid4().hex[:10]}"
+    admin = pg_connect("postgres")
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def database_url(database_name):
+    """The test database, migrated to head through Flask-Migrate."""
+    url = dsn_to_url(database_name)
+    app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": url})
+    with app.app_context():
+        upgrade()
+        from app.extensions import db
+
+        db.engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
+def _fake_llm_server():
+    server = FakeLLM().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_llm(_fake_llm_server):
+    """The fake OpenAI-compatible server, with a clean script and records."""
+    _fake_llm_server.reset()
+    yield _fake_llm_server
+    _fake_llm_server.reset()
+
+
+@pytest.fixture
+def sql(database_name):
+    """Run SQL against the test database: ``sql("SELECT ...", params)`` → rows."""
+    connection = pg_connect(database_name)
+
+    def run(statement: str, params=None):
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else cursor.rowcount
+
+    yield run
+    connection.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_tables(request):
+    """Every test starts from empty tables (when it uses the database)."""
+    yield
+    if "database_url" in request.fixturenames:
+        connection = pg_connect(request.getfixturevalue("database_name"))
+        with connection.cursor() as cursor:
+            cursor.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        connection.close()
+
+
+def base_env(database_url: str, llm_url: str) -> dict:
+    return {
+        "API_SECRET_KEY": API_KEY,
+        "ADMIN_API_KEY": "",
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": llm_url,
+        "OPENAI_API_KEY": "",
+        "OPENAI_TIMEOUT": "2",
+        "OPENAI_MAX_RETRIES": "2",
+        "OPENAI_RETRY_BASE_DELAY": "0.01",
+        "LLM_DEADLINE": "6",
+        "DAILY_LIMIT": "30",
+        "AI_CHAT_TIMEZONE": "Europe/Moscow",
+        "CONTEXT_MESSAGES": "5",
+        "CONTEXT_MAX_CHARS": "12000",
+        "USER_CONTEXT_URL": "",
+        "LOG_LEVEL": "WARNING",
+    }
+
+
+@pytest.fixture
+def make_app(database_url, fake_llm):
+    """Build an app from env-style overrides on top of the test defaults."""
+    apps = []
+
+    def build(**overrides):
+        app = create_app({**base_env(database_url, fake_llm.url), **overrides})
+        app.config["TESTING"] = True
+        apps.append(app)
+        return app
+
+    yield build
+    from app.extensions import db
+
+    for app in apps:
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class Api:
+    """Calls the chat API with the test key, the way the bot does."""
+
+    def __init__(self, client):
+        self.client = client
+        self.headers = {"X-API-KEY": API_KEY}
+
+    def send(self, telegram_id=1, message="Как поднять продажи?", headers=None, **fields):
+        body = {"telegram_id": telegram_id, "message": message, **fields}
+        headers = {**self.headers, **(headers or {})}
+        return self.client.post("/v1/chat/send", json=body, headers=headers)
+
+    def history(self, telegram_id=1, **fields):
+        body = {"telegram_id": telegram_id, **fields}
+        return self.client.post("/v1/chat/history", json=body, headers=self.headers)
+
+    def limits(self, telegram_id=1):
+        return self.client.get(f"/v1/chat/limits/{telegram_id}", headers=self.headers)
+
+    def stats(self, telegram_id=1, days=None):
+        query = "" if days is None else f"?days={days}"
+        return self.client.get(f"/v1/chat/stats/{telegram_id}{query}", headers=self.headers)
+
+    def delete_history(self, telegram_id=1):
+        return self.client.delete(f"/v1/chat/history/{telegram_id}", headers=self.headers)
+
+    def reset_limit(self, telegram_id=1, key=API_KEY):
+        return self.client.post(
+            "/v1/chat/reset-limit", json={"telegram_id": telegram_id}, headers={"X-API-KEY": key}
+        )
+
+
+@pytest.fixture
+def api(client):
+    return Api(client)
+
+
+@pytest.fixture
+def freeze(app):
+    """Pin the service clock: ``freeze("2026-03-01T20:59:59+00:00")``."""
+
+    def set_now(moment: str | datetime):
+        now = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+        app.config["CLOCK"] = lambda: now.astimezone(UTC)
+        return now
+
+    return set_now
+
+
+@pytest.fixture
+def live_server(app):
+    """The app on a real threaded HTTP server on loopback (for concurrency)."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
