@@ -17,12 +17,14 @@ def create_app(overrides: dict | None = None) -> Flask:
     ``overrides`` take the place of environment variables (tests); without
     them the process environment and ``.env`` are read.
     """
-    from app import config, errors, llm, logs, metrics
+    from app import cli, config, errors, llm, logs, metrics
     from app.chat.routes import blp as chat_blp
     from app.extensions import api, db, migrate
     from app.health.routes import blp as health_blp
 
     app = Flask(__name__)
+    # Russian answers as readable UTF-8, not \uXXXX escapes.
+    app.json.ensure_ascii = False
     env = {**os.environ, **overrides} if overrides is not None else config.environ()
     app.config.update(config.load_config(env))
     app.config.update(
@@ -53,6 +55,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     errors.register_error_handlers(app)
     logs.init_app(app)
     metrics.init_app(app)
+    cli.init_app(app)
     app.extensions["llm"] = llm.LLMClient(llm.LLMSettings.from_config(app.config))
 
     if app.config["PROXY_FIX_COUNT"]:
