@@ -22,14 +22,14 @@ RATE_LIMIT_HEADERS = {
 
 
 def _errors(*statuses):
-    """Document the error answers an endpoint can give, in the error shape."""
+    """Document the key requirement and the error answers, in the error shape."""
 
     def decorate(view):
         for status in (403, *statuses):
             view = blp.alt_response(status, schema=ErrorSchema, description=_DESCRIPTIONS[status])(
                 view
             )
-        return view
+        return blp.doc(security=[{"ApiKey": []}])(view)
 
     return decorate
 
