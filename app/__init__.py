@@ -6,6 +6,7 @@ import os
 from datetime import UTC, datetime
 
 from flask import Flask
+from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 __version__ = "1.0.0"
@@ -48,6 +49,9 @@ def create_app(overrides: dict | None = None) -> Flask:
     )
 
     db.init_app(app)
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        with app.app_context():
+            event.listen(db.engine, "connect", _sqlite_pragmas)
     migrate.init_app(app, db, directory=str(config.PROJECT_ROOT / "migrations"))
     api.init_app(app)
     api.register_blueprint(chat_blp)
@@ -68,3 +72,12 @@ def create_app(overrides: dict | None = None) -> Flask:
             "(vLLM, Ollama, llama.cpp …); /v1/chat/send answers 503 until then"
         )
     return app
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    """WAL lets readers run beside the one writer; SQLite leaves foreign keys
+    (the idempotency key → exchange cascade) off unless asked."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -10,6 +10,7 @@ from functools import wraps
 import flask_smorest
 from flask import current_app, request
 from webargs.flaskparser import FlaskParser
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from app import errors
 
@@ -32,13 +33,24 @@ class JsonObjectParser(FlaskParser):
     """
 
     def load_json(self, req, schema):
+        body = req.get_data(cache=True)
+        # A chunked body has no Content-Length: werkzeug stops reading at the
+        # limit without complaint, so look for one byte more ourselves.
+        limit = current_app.config["MAX_CONTENT_LENGTH"]
+        if req.content_length is None and len(body) >= limit and req.stream.read(1):
+            raise RequestEntityTooLarge()
         try:
-            data = json.loads(req.get_data(cache=True))
+            data = json.loads(body, parse_constant=_reject_constant)
         except (ValueError, RecursionError):
             raise errors.BadRequest("The request body is not valid JSON.") from None
         if not isinstance(data, dict):
             raise errors.BadRequest("The request body must be a JSON object.")
         return data
+
+
+def _reject_constant(name: str):
+    """NaN and Infinity are Python's extension, not JSON."""
+    raise ValueError(f"{name} is not valid JSON")
 
 
 class Blueprint(flask_smorest.Blueprint):
