@@ -1,0 +1,216 @@
+"""Configuration read from the environment (contract, "Configuration").
+
+The service refuses to start without ``API_SECRET_KEY`` (one line, from both
+``python`` and ``flask``), stops on malformed settings naming the variable,
+pins PostgreSQL URLs to psycopg2, accepts a comma-separated key list, has the
+documented defaults, and starts without an LLM while saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from app import create_app
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FLASK = Path(sys.executable).parent / "flask"
+
+# Every setting the service reads; tests that check defaults remove them all.
+SETTINGS = (
+    "AI_CHAT_DATABASE_URL", "DATABASE_URL", "API_SECRET_KEY", "ADMIN_API_KEY",
+    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_TEMPERATURE",
+    "OPENAI_MAX_TOKENS", "OPENAI_TIMEOUT", "OPENAI_MAX_RETRIES", "OPENAI_RETRY_BASE_DELAY",
+    "LLM_DEADLINE", "DAILY_LIMIT", "AI_CHAT_TIMEZONE", "CONTEXT_MESSAGES",
+    "CONTEXT_MAX_CHARS", "USER_CONTEXT_URL", "USER_CONTEXT_TIMEOUT", "USER_CONTEXT_API_KEY",
+    "MAX_CONTENT_LENGTH", "GUNICORN_THREADS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW",
+    "PROXY_FIX_COUNT", "LOG_LEVEL", "LOG_FORMAT",
+)
+
+BOT_TIMEOUT_SECONDS = 60
+
+
+@pytest.fixture
+def bare_environment(monkeypatch):
+    """The process environment without any of the service's settings."""
+    for name in SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    # Only inspected, never connected: no file is created.
+    return f"sqlite:///{tmp_path}/config.db"
+
+
+@pytest.fixture
+def no_developer_dotenv():
+    """``create_app()`` reads ``<repo>/.env``; a developer's file would hide the error."""
+    dotenv = REPO_ROOT / ".env"
+    if dotenv.exists():
+        pytest.skip(f"{dotenv} exists and may set API_SECRET_KEY; run without it")
+
+
+def environment_without_key(case: str) -> dict:
+    env = dict(os.environ)
+    env.pop("API_SECRET_KEY", None)
+    if case != "absent":
+        env["API_SECRET_KEY"] = case
+    # Flask's CLI also looks for .env files up from the working directory.
+    env["FLASK_SKIP_DOTENV"] = "1"
+    return env
+
+
+MISSING_KEY_CASES = ["absent", "", " , "]
+
+
+# --- refusing to start --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", MISSING_KEY_CASES)
+def test_create_app_without_api_secret_key_exits_with_one_line(no_developer_dotenv, case):
+    result = subprocess.run(
+        [sys.executable, "-c", "from app import create_app; create_app()"],
+        cwd=REPO_ROOT, env=environment_without_key(case),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "API_SECRET_KEY" in lines[0]
+
+
+@pytest.mark.parametrize("case", MISSING_KEY_CASES)
+def test_flask_db_upgrade_without_api_secret_key_exits_with_one_line(no_developer_dotenv, case):
+    result = subprocess.run(
+        [str(FLASK), "--app", "wsgi", "db", "upgrade"],
+        cwd=REPO_ROOT, env=environment_without_key(case),
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "API_SECRET_KEY" in lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("DAILY_LIMIT", "abc"),
+        ("DAILY_LIMIT", "-1"),
+        ("OPENAI_TIMEOUT", "-1"),
+        ("OPENAI_TEMPERATURE", "warm"),
+        ("LLM_DEADLINE", "0"),
+        ("CONTEXT_MESSAGES", "1.5"),
+        ("MAX_CONTENT_LENGTH", "64k"),
+        ("AI_CHAT_TIMEZONE", "Mars/Olympus"),
+    ],
+)
+def test_malformed_setting_stops_start_up_naming_the_variable(
+    bare_environment, sqlite_url, name, value
+):
+    with pytest.raises(SystemExit) as stopped:
+        create_app({"API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, name: value})
+    message = str(stopped.value)
+    assert name in message
+    assert "\n" not in message
+
+
+# --- database URL -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("postgresql://u:p@db:5432/wb", "postgresql+psycopg2://u:p@db:5432/wb"),
+        ("postgres://u:p@db:5432/wb", "postgresql+psycopg2://u:p@db:5432/wb"),
+        ("postgresql+asyncpg://u:p@db:5432/wb", "postgresql+psycopg2://u:p@db:5432/wb"),
+        ("postgresql+psycopg2://u:p@db:5432/wb", "postgresql+psycopg2://u:p@db:5432/wb"),
+        ("sqlite:////srv/ai_chat.db", "sqlite:////srv/ai_chat.db"),
+        ("sqlite://", "sqlite://"),
+    ],
+)
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "AI_CHAT_DATABASE_URL"])
+def test_database_url_is_pinned_to_psycopg2(bare_environment, variable, url, expected):
+    app = create_app({"API_SECRET_KEY": "k", variable: url})
+    assert app.config["SQLALCHEMY_DATABASE_URI"] == expected
+
+
+# --- API keys -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def rotated_keys_client(make_app):
+    return make_app(API_SECRET_KEY="a, b ,c").test_client()
+
+
+@pytest.mark.parametrize("key, expected_status", [("a", 200), ("b", 200), ("c", 200),
+                                                  ("d", 403), ("a, b ,c", 403)])
+def test_comma_separated_api_keys_are_each_accepted(rotated_keys_client, key, expected_status):
+    response = rotated_keys_client.get("/v1/chat/limits/1", headers={"X-API-KEY": key})
+    assert response.status_code == expected_status
+
+
+def test_comma_separated_api_keys_are_trimmed(bare_environment, sqlite_url):
+    app = create_app({"API_SECRET_KEY": "a, b ,c", "DATABASE_URL": sqlite_url})
+    assert app.config["API_KEYS"] == ("a", "b", "c")
+
+
+# --- defaults -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def default_app(bare_environment, sqlite_url):
+    return create_app({"API_SECRET_KEY": "first,second", "DATABASE_URL": sqlite_url})
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("OPENAI_MODEL", "gpt-4o-mini"),
+        ("OPENAI_TEMPERATURE", 0.7),
+        ("OPENAI_MAX_TOKENS", 1000),
+        ("DAILY_LIMIT", 30),
+        ("CONTEXT_MESSAGES", 5),
+        ("CONTEXT_MAX_CHARS", 12000),
+        ("USER_CONTEXT_TIMEOUT", 2),
+        ("MAX_CONTENT_LENGTH", 65536),
+        ("TIMEZONE", ZoneInfo("Europe/Moscow")),
+        ("USER_CONTEXT_API_KEY", "first"),
+    ],
+)
+def test_default_setting(default_app, name, expected):
+    assert default_app.config[name] == expected
+
+
+def test_default_llm_deadline_is_below_the_bots_timeout(default_app):
+    assert 0 < default_app.config["LLM_DEADLINE"] < BOT_TIMEOUT_SECONDS
+
+
+def test_default_openai_timeout_fits_in_the_deadline(default_app):
+    assert 0 < default_app.config["OPENAI_TIMEOUT"] <= default_app.config["LLM_DEADLINE"]
+
+
+# --- no LLM configured --------------------------------------------------------------
+
+
+def test_without_llm_the_app_starts_and_warns_what_to_set(make_app, caplog):
+    caplog.set_level(logging.WARNING)
+    make_app(OPENAI_API_KEY="", OPENAI_BASE_URL="")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("OPENAI_API_KEY" in text and "OPENAI_BASE_URL" in text for text in warnings)
+
+
+def test_without_llm_readiness_reports_llm_not_configured(make_app):
+    app = make_app(OPENAI_API_KEY="", OPENAI_BASE_URL="")
+    response = app.test_client().get("/health/ready")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["llm"] == "not_configured"

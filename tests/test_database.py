@@ -1,0 +1,477 @@
+"""Storage: database outages, the embedded SQLite default, the database URL
+settings, and migrations (contract, "Storage" and "Errors").
+
+An unreachable database must answer 503 ``database_unavailable`` in Russian
+without driver text; SQLite must run the whole API and keep the quota under
+concurrency; migrations must build exactly the models' schema from nothing,
+adopt the tables the old service created, and keep the contract's columns.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+import requests
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from flask_migrate import downgrade, upgrade
+from werkzeug.serving import make_server
+
+from app import create_app
+from app.extensions import db
+from tests.conftest import API_KEY, Api, dsn_to_url, pg_connect
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEAD_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
+CYRILLIC = re.compile("[А-Яа-яЁё]")
+DRIVER_WORDS = ("psycopg2", "connection", "127.0.0.1", "OperationalError")
+APP_TABLES = {"ai_chat_requests", "ai_chat_daily_limits", "ai_chat_idempotency_keys"}
+
+
+def migrate(app) -> None:
+    with app.app_context():
+        upgrade()
+
+
+def schema_differences(app) -> list:
+    """What autogenerate would still change to make the database match the models."""
+    with app.app_context(), db.engine.connect() as connection:
+        return compare_metadata(MigrationContext.configure(connection), db.metadata)
+
+
+def table_names(app) -> set[str]:
+    with app.app_context(), db.engine.connect() as connection:
+        return set(sa.inspect(connection).get_table_names())
+
+
+@pytest.fixture
+def fresh_postgres():
+    """An empty PostgreSQL database: yields its name, dropped afterwards."""
+    name = f"ai_chat_mig_{uuid.uuid4().hex[:10]}"
+    admin = pg_connect("postgres")
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def fresh_database_url(request, tmp_path):
+    """An empty database of each supported kind."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/fresh.db"
+    return dsn_to_url(request.getfixturevalue("fresh_postgres"))
+
+
+# --- database unreachable -------------------------------------------------------
+
+ENDPOINTS = {
+    "send": lambda api: api.send(telegram_id=42),
+    "history": lambda api: api.history(telegram_id=42),
+    "limits": lambda api: api.limits(telegram_id=42),
+    "stats": lambda api: api.stats(telegram_id=42, days=7),
+    "reset-limit": lambda api: api.reset_limit(telegram_id=42),
+    "delete-history": lambda api: api.delete_history(telegram_id=42),
+}
+
+
+@pytest.fixture
+def dead_db_app(make_app):
+    return make_app(DATABASE_URL=DEAD_DATABASE_URL)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_unreachable_database_answers_503_database_unavailable(dead_db_app, endpoint):
+    response = ENDPOINTS[endpoint](Api(dead_db_app.test_client()))
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "database_unavailable"
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_unreachable_database_message_is_russian_without_driver_text(dead_db_app, endpoint):
+    response = ENDPOINTS[endpoint](Api(dead_db_app.test_client()))
+    assert CYRILLIC.search(response.get_json()["message"])
+    body = response.get_data(as_text=True)
+    for word in DRIVER_WORDS:
+        assert word.lower() not in body.lower()
+
+
+def test_unreachable_database_send_does_not_call_the_llm(dead_db_app, fake_llm):
+    response = Api(dead_db_app.test_client()).send(telegram_id=42)
+    assert response.status_code == 503
+    assert fake_llm.calls == 0
+
+
+def test_unreachable_database_keeps_liveness_200(dead_db_app):
+    response = dead_db_app.test_client().get("/health")
+    assert response.status_code == 200
+    assert response.get_json()["status"] == "ok"
+
+
+def test_unreachable_database_makes_readiness_503(dead_db_app):
+    response = dead_db_app.test_client().get("/health/ready")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unavailable"
+    assert body["checks"]["database"] != "ok"
+
+
+# --- SQLite, the embedded default ------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_path(tmp_path):
+    return tmp_path / "t.db"
+
+
+@pytest.fixture
+def sqlite_app(make_app, sqlite_path):
+    """An app on a migrated SQLite file with DAILY_LIMIT=2."""
+    app = make_app(DATABASE_URL=f"sqlite:///{sqlite_path}", DAILY_LIMIT="2")
+    migrate(app)
+    return app
+
+
+@pytest.fixture
+def sqlite_api(sqlite_app):
+    return Api(sqlite_app.test_client())
+
+
+def sqlite_rows(path: Path, statement: str, params=()) -> list:
+    with closing(sqlite3.connect(path)) as connection:
+        return connection.execute(statement, params).fetchall()
+
+
+def test_sqlite_send_answers_and_stores_the_exchange(sqlite_api, sqlite_path, fake_llm):
+    response = sqlite_api.send(telegram_id=7, message="Как снизить возвраты?")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["response"] == "Ответ: Как снизить возвраты?"
+    assert body["remaining_requests"] == 1
+    assert body["daily_limit"] == 2
+    assert sqlite_rows(
+        sqlite_path, "SELECT telegram_id, message, response, tokens_used FROM ai_chat_requests"
+    ) == [(7, "Как снизить возвраты?", "Ответ: Как снизить возвраты?", body["tokens_used"])]
+    assert sqlite_rows(
+        sqlite_path, "SELECT telegram_id, request_count FROM ai_chat_daily_limits"
+    ) == [(7, 1)]
+    assert fake_llm.calls == 1
+
+
+def test_sqlite_exhausted_quota_answers_429(sqlite_api, sqlite_path, fake_llm):
+    assert [sqlite_api.send(telegram_id=7).status_code for _ in range(2)] == [200, 200]
+    response = sqlite_api.send(telegram_id=7)
+    assert response.status_code == 429
+    assert response.get_json()["error"] == "daily_limit_exceeded"
+    assert sqlite_rows(sqlite_path, "SELECT request_count FROM ai_chat_daily_limits") == [(2,)]
+    assert fake_llm.calls == 2
+
+
+def test_sqlite_history_lists_exchanges_newest_first(sqlite_api):
+    sqlite_api.send(telegram_id=7, message="первый")
+    sqlite_api.send(telegram_id=7, message="второй")
+    response = sqlite_api.history(telegram_id=7)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["total"] == 2
+    assert [item["message"] for item in body["items"]] == ["второй", "первый"]
+    assert all(re.search(r"(\+00:00|Z)$", item["created_at"]) for item in body["items"])
+
+
+def test_sqlite_limits_report_todays_usage(sqlite_api):
+    sqlite_api.send(telegram_id=7)
+    response = sqlite_api.limits(telegram_id=7)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert (body["requests_today"], body["requests_remaining"], body["daily_limit"]) == (1, 1, 2)
+
+
+def test_sqlite_stats_count_answers_and_tokens(sqlite_api):
+    tokens = [sqlite_api.send(telegram_id=7).get_json()["tokens_used"] for _ in range(2)]
+    response = sqlite_api.stats(telegram_id=7, days=7)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["total_requests"] == 2
+    assert body["total_tokens"] == sum(tokens)
+
+
+def test_sqlite_reset_limit_gives_the_quota_back(sqlite_api):
+    sqlite_api.send(telegram_id=7)
+    sqlite_api.send(telegram_id=7)
+    response = sqlite_api.reset_limit(telegram_id=7)
+    assert response.status_code == 200
+    assert response.get_json()["success"] is True
+    assert sqlite_api.limits(telegram_id=7).get_json()["requests_today"] == 0
+    assert sqlite_api.send(telegram_id=7).status_code == 200
+
+
+def test_sqlite_delete_history_removes_exchanges_and_keeps_the_counter(sqlite_api, sqlite_path):
+    sqlite_api.send(telegram_id=7)
+    sqlite_api.send(telegram_id=7)
+    response = sqlite_api.delete_history(telegram_id=7)
+    assert response.status_code == 200
+    assert response.get_json() == {"telegram_id": 7, "deleted": 2}
+    assert sqlite_rows(sqlite_path, "SELECT count(*) FROM ai_chat_requests") == [(0,)]
+    assert sqlite_api.limits(telegram_id=7).get_json()["requests_today"] == 2
+
+
+@pytest.fixture
+def sqlite_server(make_app, sqlite_path):
+    """A migrated SQLite app with DAILY_LIMIT=5 on a threaded werkzeug server."""
+    app = make_app(DATABASE_URL=f"sqlite:///{sqlite_path}", DAILY_LIMIT="5")
+    migrate(app)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
+    server.server_close()
+
+
+def test_sqlite_concurrent_sends_give_exactly_the_limit(sqlite_server, sqlite_path, fake_llm):
+    fake_llm.latency = 0.2
+    barrier = threading.Barrier(20)
+
+    def send(_):
+        barrier.wait(timeout=30)
+        return requests.post(
+            f"{sqlite_server}/v1/chat/send",
+            json={"telegram_id": 7, "message": "Как поднять продажи?"},
+            headers={"X-API-KEY": API_KEY},
+            timeout=30,
+        ).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = Counter(pool.map(send, range(20)))
+    assert statuses == {200: 5, 429: 15}
+    assert sqlite_rows(sqlite_path, "SELECT request_count FROM ai_chat_daily_limits") == [(5,)]
+    assert sqlite_rows(sqlite_path, "SELECT count(*) FROM ai_chat_requests") == [(5,)]
+    assert fake_llm.calls == 5
+
+
+# --- which database -------------------------------------------------------------
+
+
+def test_without_a_database_url_the_default_is_sqlite_under_var(monkeypatch):
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("AI_CHAT_DATABASE_URL", raising=False)
+    app = create_app({"API_SECRET_KEY": API_KEY})
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    assert uri.startswith("sqlite:///")
+    path = Path(uri.removeprefix("sqlite:///"))
+    assert path.is_absolute()
+    assert path.parent == REPO_ROOT / "var"
+
+
+@pytest.mark.parametrize(
+    "ai_chat_url, plain_url, expected",
+    [
+        ("sqlite:////srv/ai.db", "postgresql+psycopg2://u@db/main", "sqlite:////srv/ai.db"),
+        (
+            "postgresql+psycopg2://u@db/ai",
+            "sqlite:////srv/main.db",
+            "postgresql+psycopg2://u@db/ai",
+        ),
+    ],
+)
+def test_ai_chat_database_url_wins_over_database_url(ai_chat_url, plain_url, expected):
+    app = create_app(
+        {
+            "API_SECRET_KEY": API_KEY,
+            "AI_CHAT_DATABASE_URL": ai_chat_url,
+            "DATABASE_URL": plain_url,
+        }
+    )
+    assert app.config["SQLALCHEMY_DATABASE_URI"] == expected
+
+
+# --- migrations -----------------------------------------------------------------
+
+
+def test_migrations_on_an_empty_database_match_the_models(make_app, fresh_database_url):
+    app = make_app(DATABASE_URL=fresh_database_url)
+    migrate(app)
+    assert APP_TABLES <= table_names(app)
+    assert schema_differences(app) == []
+
+
+def test_downgrade_to_base_then_upgrade_again_matches_the_models(make_app, fresh_database_url):
+    app = make_app(DATABASE_URL=fresh_database_url)
+    migrate(app)
+    with app.app_context():
+        downgrade(revision="base")
+    assert not APP_TABLES & table_names(app)
+    migrate(app)
+    assert schema_differences(app) == []
+
+
+OLD_SERVICE_TABLES = """
+CREATE TABLE ai_chat_requests (
+    id SERIAL PRIMARY KEY,
+    telegram_id BIGINT NOT NULL,
+    user_id INTEGER NULL,
+    message TEXT NOT NULL,
+    response TEXT NOT NULL,
+    tokens_used INTEGER NOT NULL DEFAULT 0,
+    request_date DATE NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE ai_chat_daily_limits (
+    id SERIAL PRIMARY KEY,
+    telegram_id BIGINT NOT NULL UNIQUE,
+    request_count INTEGER NOT NULL DEFAULT 0,
+    last_reset_date DATE NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+INSERT INTO ai_chat_requests (telegram_id, message, response, tokens_used, request_date)
+VALUES (5, 'старый вопрос', 'старый ответ', 12, CURRENT_DATE);
+INSERT INTO ai_chat_daily_limits (telegram_id, request_count, last_reset_date)
+VALUES (5, 1, CURRENT_DATE - 1);
+"""
+
+
+@pytest.fixture
+def old_service_database(fresh_postgres):
+    """A database where the old service already created its two tables, with data."""
+    connection = pg_connect(fresh_postgres)
+    with connection.cursor() as cursor:
+        cursor.execute(OLD_SERVICE_TABLES)
+    yield fresh_postgres
+    connection.close()
+
+
+def pg_rows(dbname: str, statement: str) -> list:
+    with closing(pg_connect(dbname)) as connection, connection.cursor() as cursor:
+        cursor.execute(statement)
+        return cursor.fetchall()
+
+
+def test_migration_adopts_the_old_service_tables(make_app, old_service_database):
+    app = make_app(DATABASE_URL=dsn_to_url(old_service_database))
+    migrate(app)
+    with app.app_context(), db.engine.connect() as connection:
+        inspector = sa.inspect(connection)
+        indexes = {index["name"] for index in inspector.get_indexes("ai_chat_requests")}
+        tables = set(inspector.get_table_names())
+    assert {
+        "ix_ai_chat_requests_telegram_id_id",
+        "ix_ai_chat_requests_telegram_id_request_date",
+    } <= indexes
+    assert "ai_chat_idempotency_keys" in tables
+    assert pg_rows(old_service_database, "SELECT version_num FROM alembic_version") == [("0002",)]
+
+
+def test_migration_keeps_the_old_service_data(make_app, old_service_database):
+    migrate(make_app(DATABASE_URL=dsn_to_url(old_service_database)))
+    assert pg_rows(
+        old_service_database, "SELECT telegram_id, message, response FROM ai_chat_requests"
+    ) == [(5, "старый вопрос", "старый ответ")]
+    assert pg_rows(
+        old_service_database, "SELECT telegram_id, request_count FROM ai_chat_daily_limits"
+    ) == [(5, 1)]
+
+
+def test_service_answers_on_tables_adopted_from_the_old_service(make_app, old_service_database):
+    app = make_app(DATABASE_URL=dsn_to_url(old_service_database))
+    migrate(app)
+    api = Api(app.test_client())
+    response = api.send(telegram_id=5)
+    assert response.status_code == 200
+    # Yesterday's counter restarts today: this answer is the first one.
+    assert response.get_json()["remaining_requests"] == 29
+    assert api.send(telegram_id=6).status_code == 200
+    assert pg_rows(
+        old_service_database,
+        "SELECT telegram_id, request_count FROM ai_chat_daily_limits ORDER BY telegram_id",
+    ) == [(5, 1), (6, 1)]
+
+
+# --- the contract's tables and columns ------------------------------------------
+
+CONTRACT_COLUMNS = [
+    ("ai_chat_requests", "telegram_id", "BIGINT"),
+    ("ai_chat_requests", "user_id", "INTEGER"),
+    ("ai_chat_requests", "message", "TEXT"),
+    ("ai_chat_requests", "response", "TEXT"),
+    ("ai_chat_requests", "tokens_used", "INTEGER"),
+    ("ai_chat_requests", "request_date", "DATE"),
+    ("ai_chat_requests", "created_at", "TIMESTAMP WITH TIME ZONE"),
+    ("ai_chat_daily_limits", "telegram_id", "BIGINT"),
+    ("ai_chat_daily_limits", "request_count", "INTEGER"),
+    ("ai_chat_daily_limits", "last_reset_date", "DATE"),
+]
+
+
+@pytest.fixture
+def inspected(make_app):
+    """Reflect the migrated PostgreSQL test database: table → {column: info}."""
+    app = make_app()
+    with app.app_context(), db.engine.connect() as connection:
+        inspector = sa.inspect(connection)
+        dialect = connection.dialect
+        tables = {
+            table: {
+                "columns": {
+                    column["name"]: {
+                        "type": column["type"].compile(dialect=dialect),
+                        "nullable": column["nullable"],
+                    }
+                    for column in inspector.get_columns(table)
+                },
+                "primary_key": inspector.get_pk_constraint(table)["constrained_columns"],
+                "unique": [c["column_names"] for c in inspector.get_unique_constraints(table)]
+                + [i["column_names"] for i in inspector.get_indexes(table) if i["unique"]],
+            }
+            for table in ("ai_chat_requests", "ai_chat_daily_limits")
+        }
+    return tables
+
+
+@pytest.mark.parametrize("table, column, sql_type", CONTRACT_COLUMNS)
+def test_contract_column_keeps_its_type(inspected, table, column, sql_type):
+    assert inspected[table]["columns"][column]["type"] == sql_type
+
+
+@pytest.mark.parametrize("table", ["ai_chat_requests", "ai_chat_daily_limits"])
+def test_contract_table_has_id_primary_key(inspected, table):
+    assert inspected[table]["primary_key"] == ["id"]
+
+
+@pytest.mark.parametrize(
+    "table, columns",
+    [
+        (
+            "ai_chat_requests",
+            {"id", "telegram_id", "user_id", "message", "response", "tokens_used",
+             "request_date", "created_at"},
+        ),
+        (
+            "ai_chat_daily_limits",
+            {"id", "telegram_id", "request_count", "last_reset_date", "created_at",
+             "updated_at"},
+        ),
+    ],
+)
+def test_contract_table_has_all_its_columns(inspected, table, columns):
+    assert columns <= set(inspected[table]["columns"])
+
+
+def test_user_id_is_nullable(inspected):
+    assert inspected["ai_chat_requests"]["columns"]["user_id"]["nullable"] is True
+
+
+def test_daily_limits_telegram_id_is_unique(inspected):
+    assert ["telegram_id"] in inspected["ai_chat_daily_limits"]["unique"]
