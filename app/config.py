@@ -70,8 +70,13 @@ def database_url(env: Mapping) -> str:
 def _engine_options(url: str, pool_size: int, max_overflow: int) -> dict:
     if url.startswith("sqlite"):
         # SQLite serialises writers; wait for the lock instead of failing.
-        return {"connect_args": {"timeout": 15, "check_same_thread": False}}
+        return {
+            "hide_parameters": True,
+            "connect_args": {"timeout": 15, "check_same_thread": False},
+        }
     return {
+        # Bound values are sellers' texts: keep them out of exception messages.
+        "hide_parameters": True,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         # Fail fast (503) instead of hanging when the pool or the server is gone.

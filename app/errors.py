@@ -9,6 +9,7 @@ view carries a try/except and no exception text ever reaches a client.
 from __future__ import annotations
 
 import logging
+import traceback
 import uuid
 
 import marshmallow as ma
@@ -153,7 +154,17 @@ def database_error_response(error: Exception):
 def unexpected_error_response(error: Exception):
     request_id = getattr(g, "request_id", None) or uuid.uuid4().hex
     original = getattr(error, "original_exception", None) or error
-    log.error("unexpected error (request %s)", request_id, exc_info=original)
+    # The stack and the exception type, not its text: driver errors quote the
+    # failing row, i.e. the seller's message and the model's answer.
+    stack = "".join(traceback.format_tb(original.__traceback__))
+    sqlstate = getattr(getattr(original, "orig", None), "pgcode", None)
+    log.error(
+        "unexpected error %s%s (request %s)\n%s",
+        type(original).__name__,
+        f" sqlstate={sqlstate}" if sqlstate else "",
+        request_id,
+        stack,
+    )
     body = error_body(ApiError())
     body["request_id"] = request_id
     return body, 500

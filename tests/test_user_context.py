@@ -1,0 +1,339 @@
+"""Personalisation of answers with the seller's data (contract, "Context and
+prompt" → personalisation).
+
+When a send has no ``user_context`` and ``USER_CONTEXT_URL`` is set, the
+service fetches ``{sales, stocks, orders, reviews}`` from the main server with
+``X-API-KEY`` and hands it to the model as a second, size-bounded system
+message with Russian section titles. A ``user_context`` in the request is used
+as is (``""`` means none); any failure of the fetch only means the answer is
+not personalised, and each fetch is counted in
+``ai_chat_user_context_fetches_total{outcome}``.
+
+The main server is a small scriptable stdlib HTTP server defined here; what
+the model received is read from the fake LLM.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from app.metrics import USER_CONTEXT_FETCHES
+from tests.conftest import API_KEY, Api
+
+CONTEXT_PATH = "/api/v1/bot/user-context/{telegram_id}"
+SELLER_DATA = {
+    "sales": {"revenue_rub": 1234567, "units": 321},
+    "stocks": [{"sku": "WB-42", "quantity": 17}],
+    "orders": {"today": 5},
+    "reviews": {"average_rating": 4.7},
+}
+TITLES = ("Продажи", "Остатки", "Заказы", "Отзывы")
+
+
+# --- the fake main server ------------------------------------------------------
+
+
+class _MainServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # A handler may still be sleeping past the client's timeout; closing the
+    # server must not wait for it.
+    block_on_close = False
+
+    def handle_error(self, request, client_address):
+        # The service gave up on a slow answer: a broken pipe is expected.
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _MainServer
+
+    def do_GET(self):
+        main = self.server.main
+        main.record(self.path, self.headers.get("X-API-KEY"))
+        reply = main.reply
+        if reply.get("sleep"):
+            time.sleep(reply["sleep"])
+        body = reply["body"]
+        self.send_response(reply["status"])
+        self.send_header("Content-Type", reply.get("content_type", "application/json"))
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format, *args):
+        pass
+
+
+class FakeMainServer:
+    """GET /api/v1/bot/user-context/{telegram_id}, answering what it is told."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._requests: list[dict] = []
+        self.reply: dict = {}
+        self.reply_json(SELLER_DATA)
+        self._server = _MainServer(("127.0.0.1", 0), _Handler)
+        self._server.main = self
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    def reply_json(self, payload, status: int = 200, sleep: float = 0.0) -> None:
+        self.reply_raw(json.dumps(payload, ensure_ascii=False).encode(), status, sleep)
+
+    def reply_raw(self, body: bytes, status: int = 200, sleep: float = 0.0, **extra) -> None:
+        self.reply = {"body": body, "status": status, "sleep": sleep, **extra}
+
+    def record(self, path: str, api_key: str | None) -> None:
+        with self._lock:
+            self._requests.append({"path": path, "api_key": api_key})
+
+    @property
+    def requests(self) -> list[dict]:
+        with self._lock:
+            return list(self._requests)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def main_server():
+    server = FakeMainServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def context_app(make_app, main_server):
+    """Builds an app that fetches from the fake main server (0.5 s timeout)."""
+
+    def build(**overrides):
+        env = {
+            "USER_CONTEXT_URL": main_server.url + CONTEXT_PATH,
+            "USER_CONTEXT_TIMEOUT": "0.5",
+            **overrides,
+        }
+        return make_app(**env)
+
+    return build
+
+
+@pytest.fixture
+def api(context_app):
+    return Api(context_app().test_client())
+
+
+# --- helpers -------------------------------------------------------------------
+
+
+def sent_messages(fake_llm) -> list[dict]:
+    """The messages of the only call the fake LLM received."""
+    assert fake_llm.calls == 1
+    return fake_llm.requests[0]["body"]["messages"]
+
+
+def counter(sql, telegram_id: int = 1) -> int:
+    rows = sql(
+        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
+    )
+    return rows[0][0] if rows else 0
+
+
+def fetches(outcome: str) -> float:
+    return USER_CONTEXT_FETCHES.labels(outcome)._value.get()
+
+
+def all_fetches() -> dict[str, float]:
+    return {
+        outcome: fetches(outcome)
+        for outcome in ("ok", "empty", "timeout", "http_error", "bad_response", "error")
+    }
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --- fetched context -----------------------------------------------------------
+
+
+def test_absent_context_is_fetched_for_the_user_id_in_the_path(api, main_server, fake_llm):
+    response = api.send(telegram_id=424242)
+
+    assert response.status_code == 200
+    assert [r["path"] for r in main_server.requests] == ["/api/v1/bot/user-context/424242"]
+
+
+def test_fetched_data_reaches_the_llm_as_second_system_message(api, main_server, fake_llm):
+    api.send(message="Что у меня с продажами?")
+
+    messages = sent_messages(fake_llm)
+    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    personal = messages[1]["content"]
+    assert "1234567" in personal
+    assert "WB-42" in personal
+    for title in TITLES:
+        assert title in personal
+    assert messages[2]["content"] == "Что у меня с продажами?"
+
+
+def test_wrapped_payload_is_unwrapped(api, main_server, fake_llm):
+    main_server.reply_json({"success": True, "data": SELLER_DATA})
+
+    api.send()
+
+    personal = sent_messages(fake_llm)[1]["content"]
+    assert "1234567" in personal
+    assert "success" not in personal
+
+
+def test_huge_payload_gives_a_bounded_personalisation_block(api, main_server, fake_llm):
+    # ~150 KB: under any sane response cap, far over what belongs in a prompt.
+    rows = [{"sku": f"WB-{n}", "quantity": n} for n in range(1000)]
+    main_server.reply_json({"sales": rows, "stocks": rows, "orders": rows, "reviews": rows})
+
+    response = api.send()
+
+    assert response.status_code == 200
+    messages = sent_messages(fake_llm)
+    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    assert "WB-0" in messages[1]["content"]
+    assert len(messages[1]["content"]) < 8000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected_key"),
+    [
+        ({"USER_CONTEXT_API_KEY": "main-server-key"}, "main-server-key"),
+        ({}, API_KEY),
+        ({"API_SECRET_KEY": f"first-key,{API_KEY}"}, "first-key"),
+    ],
+    ids=["user_context_api_key", "only_api_key", "first_of_rotated_keys"],
+)
+def test_fetch_sends_the_configured_api_key(
+    context_app, main_server, fake_llm, overrides, expected_key
+):
+    api = Api(context_app(**overrides).test_client())
+
+    assert api.send().status_code == 200
+
+    assert [r["api_key"] for r in main_server.requests] == [expected_key]
+
+
+def test_successful_fetch_is_counted_as_ok(api, main_server, fake_llm):
+    before = fetches("ok")
+
+    api.send()
+
+    assert fetches("ok") == before + 1
+
+
+# --- context given in the request ----------------------------------------------
+
+
+def test_context_in_request_is_used_and_nothing_is_fetched(api, main_server, fake_llm):
+    api.send(user_context="Выручка за неделю: 777000 ₽")
+
+    assert main_server.requests == []
+    messages = sent_messages(fake_llm)
+    assert [m["role"] for m in messages] == ["system", "system", "user"]
+    assert "Выручка за неделю: 777000 ₽" in messages[1]["content"]
+
+
+def test_empty_context_in_request_means_no_personalisation(api, main_server, fake_llm):
+    before = all_fetches()
+
+    response = api.send(user_context="")
+
+    assert response.status_code == 200
+    assert main_server.requests == []
+    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert all_fetches() == before
+
+
+def test_null_context_in_request_is_fetched(api, main_server, fake_llm):
+    api.send(user_context=None)
+
+    assert len(main_server.requests) == 1
+    assert "1234567" in sent_messages(fake_llm)[1]["content"]
+
+
+def test_nothing_is_fetched_without_user_context_url(make_app, main_server, fake_llm):
+    api = Api(make_app(USER_CONTEXT_URL="").test_client())
+    before = all_fetches()
+
+    response = api.send()
+
+    assert response.status_code == 200
+    assert main_server.requests == []
+    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert all_fetches() == before
+
+
+# --- failures: answer without personalisation ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        ({"body": b"{}", "sleep": 1.5}, "timeout"),
+        ({"body": b'{"detail": "Not found"}', "status": 404}, "http_error"),
+        ({"body": b'{"detail": "boom"}', "status": 500}, "http_error"),
+        ({"body": b"<html>not json</html>", "content_type": "text/html"}, "bad_response"),
+        ({"body": json.dumps([SELLER_DATA]).encode()}, "bad_response"),
+        ({"body": b'{"sales": "' + b"x" * 300_000 + b'"}'}, "bad_response"),
+        ({"body": b"{}"}, "empty"),
+        ({"body": b'{"sales": null, "stocks": [], "orders": {}, "reviews": ""}'}, "empty"),
+    ],
+    ids=[
+        "timeout",
+        "404",
+        "500",
+        "not_json",
+        "json_list",
+        "oversized",
+        "empty_object",
+        "all_sections_empty",
+    ],
+)
+def test_unusable_context_answers_without_personalisation(
+    api, main_server, fake_llm, sql, reply, outcome
+):
+    main_server.reply_raw(**reply)
+    before = fetches(outcome)
+
+    response = api.send()
+
+    assert response.status_code == 200
+    assert len(main_server.requests) == 1
+    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert counter(sql) == 1
+    assert fetches(outcome) == before + 1
+
+
+def test_unreachable_main_server_answers_without_personalisation(
+    make_app, main_server, fake_llm, sql
+):
+    url = f"http://127.0.0.1:{closed_port()}{CONTEXT_PATH}"
+    api = Api(make_app(USER_CONTEXT_URL=url, USER_CONTEXT_TIMEOUT="0.5").test_client())
+    before = fetches("error")
+
+    response = api.send()
+
+    assert response.status_code == 200
+    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert counter(sql) == 1
+    assert fetches("error") == before + 1
