@@ -105,50 +105,59 @@ class IdempotencyHeader(Schema):
 # --- responses --------------------------------------------------------------
 
 
+def ex(value, description=None) -> dict:
+    """Field metadata for the OpenAPI document."""
+    return {"example": value, **({"description": description} if description else {})}
+
+
 class SendResponse(Schema):
-    response = fields.String(required=True)
-    remaining_requests = fields.Integer(required=True, allow_none=True)
-    tokens_used = fields.Integer(required=True)
-    daily_limit = fields.Integer(required=True)
+    response = fields.String(required=True, metadata=ex("Чтобы поднять карточку в поиске, …"))
+    remaining_requests = fields.Integer(
+        required=True, allow_none=True, metadata=ex(29, "After this answer; null if unlimited")
+    )
+    tokens_used = fields.Integer(required=True, metadata=ex(412))
+    daily_limit = fields.Integer(required=True, metadata=ex(30, "0 = unlimited"))
 
 
 class HistoryItem(Schema):
-    id = fields.Integer(required=True)
-    message = fields.String(required=True)
-    response = fields.String(required=True)
-    tokens_used = fields.Integer(required=True)
-    created_at = fields.AwareDateTime(required=True)
+    id = fields.Integer(required=True, metadata=ex(1017))
+    message = fields.String(required=True, metadata=ex("Как снизить процент возвратов?"))
+    response = fields.String(required=True, metadata=ex("Проверьте размерную сетку …"))
+    tokens_used = fields.Integer(required=True, metadata=ex(412))
+    created_at = fields.AwareDateTime(required=True, metadata=ex("2026-11-25T12:40:13+00:00"))
 
 
 class HistoryResponse(Schema):
     items = fields.List(fields.Nested(HistoryItem), required=True)
-    total = fields.Integer(required=True)
-    limit = fields.Integer(required=True)
-    offset = fields.Integer(required=True)
+    total = fields.Integer(required=True, metadata=ex(42))
+    limit = fields.Integer(required=True, metadata=ex(10))
+    offset = fields.Integer(required=True, metadata=ex(0))
 
 
 class DeleteHistoryResponse(Schema):
-    telegram_id = fields.Integer(required=True)
-    deleted = fields.Integer(required=True)
+    telegram_id = fields.Integer(required=True, metadata=ex(123456789))
+    deleted = fields.Integer(required=True, metadata=ex(42))
 
 
 class LimitsResponse(Schema):
-    telegram_id = fields.Integer(required=True)
-    requests_today = fields.Integer(required=True)
-    requests_remaining = fields.Integer(required=True, allow_none=True)
-    daily_limit = fields.Integer(required=True)
-    reset_date = fields.Date(required=True)
+    telegram_id = fields.Integer(required=True, metadata=ex(123456789))
+    requests_today = fields.Integer(required=True, metadata=ex(3))
+    requests_remaining = fields.Integer(required=True, allow_none=True, metadata=ex(27))
+    daily_limit = fields.Integer(required=True, metadata=ex(30))
+    reset_date = fields.Date(required=True, metadata=ex("2026-11-25", "Today, service time zone"))
 
 
 class ResetLimitResponse(Schema):
-    success = fields.Boolean(required=True)
-    message = fields.String(required=True)
+    success = fields.Boolean(required=True, metadata=ex(True))
+    message = fields.String(
+        required=True, metadata=ex("Лимит пользователя 123456789 успешно сброшен")
+    )
 
 
 class StatsResponse(Schema):
-    telegram_id = fields.Integer(required=True)
-    days = fields.Integer(required=True)
-    total_requests = fields.Integer(required=True)
-    total_tokens = fields.Integer(required=True)
-    avg_requests_per_day = fields.Float(required=True)
-    avg_tokens_per_request = fields.Float(required=True)
+    telegram_id = fields.Integer(required=True, metadata=ex(123456789))
+    days = fields.Integer(required=True, metadata=ex(7))
+    total_requests = fields.Integer(required=True, metadata=ex(12))
+    total_tokens = fields.Integer(required=True, metadata=ex(4800))
+    avg_requests_per_day = fields.Float(required=True, metadata=ex(1.71))
+    avg_tokens_per_request = fields.Float(required=True, metadata=ex(400.0))
