@@ -11,6 +11,7 @@ import flask_smorest
 from flask import current_app, request
 from webargs.flaskparser import FlaskParser
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.routing import IntegerConverter
 
 from app import errors
 
@@ -20,8 +21,25 @@ class Api(flask_smorest.Api):
 
     ERROR_SCHEMA = errors.ErrorSchema
 
+    def init_app(self, app, *args, **kwargs):
+        app.url_map.converters["telegram_id"] = TelegramIdConverter
+        super().init_app(app, *args, **kwargs)
+        self.register_converter(TelegramIdConverter, TelegramIdConverter.openapi_schema)
+
     def handle_http_exception(self, error):
         return errors.http_error_response(error)
+
+
+class TelegramIdConverter(IntegerConverter):
+    """``<telegram_id:...>``: any integer in the path; the range (1 … 2^63−1) is
+    checked by the view, so that out-of-range ids get 422 like in bodies."""
+
+    def __init__(self, url_map):
+        super().__init__(url_map, signed=True)
+
+    @staticmethod
+    def openapi_schema(_converter) -> dict:
+        return {"type": "integer", "format": "int64", "minimum": 1, "maximum": 2**63 - 1}
 
 
 class JsonObjectParser(FlaskParser):

@@ -91,6 +91,24 @@ def _record(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
+    """Time every request and serve ``/metrics`` (documented in the OpenAPI spec)."""
+    from app.extensions import api
+
     app.before_request(_start_timer)
     app.after_request(_record)
     app.add_url_rule("/metrics", "metrics", metrics_view)
+    api.spec.path(
+        rule=next(app.url_map.iter_rules("metrics")),
+        operations={
+            "get": {
+                "tags": ["Probes"],
+                "summary": "Prometheus metrics of every worker (text exposition format)",
+                "responses": {
+                    "200": {
+                        "description": "OK",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    )

@@ -90,7 +90,7 @@ class History(MethodView):
         return service.history(**body)
 
 
-@blp.route("/history/<int(signed=True):telegram_id>")
+@blp.route("/history/<telegram_id:telegram_id>")
 class HistoryOfUser(MethodView):
     @blp.response(200, schemas.DeleteHistoryResponse)
     @_errors(422, 503)
@@ -99,7 +99,7 @@ class HistoryOfUser(MethodView):
         return service.delete_history(checked_telegram_id(telegram_id))
 
 
-@blp.route("/limits/<int(signed=True):telegram_id>")
+@blp.route("/limits/<telegram_id:telegram_id>")
 class Limits(MethodView):
     @blp.response(200, schemas.LimitsResponse)
     @_errors(422, 503)
@@ -120,7 +120,7 @@ class ResetLimit(MethodView):
         return service.reset_limit(**body)
 
 
-@blp.route("/stats/<int(signed=True):telegram_id>")
+@blp.route("/stats/<telegram_id:telegram_id>")
 class Stats(MethodView):
     @blp.arguments(schemas.StatsQuery, location="query", error_status_code=400)
     @blp.response(200, schemas.StatsResponse)

@@ -14,6 +14,11 @@ from marshmallow import fields, validate
 MAX_BIGINT = 2**63 - 1
 MAX_INTEGER = 2**31 - 1
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# The rules of the validators below, as JSON Schema patterns for the OpenAPI
+# document (ECMA regex; JSON Schema patterns are unanchored).
+REQUEST_ID_DOC = r"^[A-Za-z0-9._:-]{1,128}$"
+NO_NUL_DOC = r"^[^\u0000]*$"
+NOT_BLANK_NO_NUL_DOC = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 # Lone UTF-16 surrogates survive json.loads but cannot be stored as UTF-8.
 _UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
 
@@ -57,13 +62,19 @@ class SendRequest(Schema):
     message = fields.String(
         required=True,
         validate=[validate.Length(1, 4000), not_blank, storable_text],
-        metadata={"example": "Как поднять карточку товара в поиске Wildberries?"},
+        metadata={
+            "example": "Как поднять карточку товара в поиске Wildberries?",
+            "pattern": NOT_BLANK_NO_NUL_DOC,
+        },
     )
     user_context = fields.String(
         allow_none=True,
         load_default=None,
         validate=[validate.Length(max=8000), storable_text],
-        metadata={"description": "Seller data for personalisation; \"\" = none, null = fetch"},
+        metadata={
+            "description": "Seller data for personalisation; \"\" = none, null = fetch",
+            "pattern": NO_NUL_DOC,
+        },
     )
     user_id = fields.Integer(
         strict=True,
@@ -75,7 +86,11 @@ class SendRequest(Schema):
     request_id = fields.String(
         load_default=None,
         validate=valid_request_id,
-        metadata={"description": "Idempotency key", "example": "upd-12345:1"},
+        metadata={
+            "description": "Idempotency key",
+            "example": "upd-12345:1",
+            "pattern": REQUEST_ID_DOC,
+        },
     )
 
 
@@ -98,7 +113,10 @@ class IdempotencyHeader(Schema):
         data_key="Idempotency-Key",
         load_default=None,
         validate=valid_request_id,
-        metadata={"description": "Idempotency key; same rules as request_id"},
+        metadata={
+            "description": "Idempotency key; same rules as request_id",
+            "pattern": REQUEST_ID_DOC,
+        },
     )
 
 

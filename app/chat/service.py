@@ -28,9 +28,9 @@ from app.user_context import fetch_user_context
 
 log = logging.getLogger(__name__)
 
-# Writes after a successful answer are retried this many times on a database
-# blip: the answer is already paid for, and losing it is worse than waiting.
-AFTER_ANSWER_WRITE_ATTEMPTS = 4
+# How long the writes after an answer (save, refund) keep retrying a database
+# outage; with LLM_DEADLINE 45 s the bot's 60 s are still not exceeded.
+WRITE_RETRY_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -117,19 +117,27 @@ def recent_exchanges(telegram_id: int, count: int) -> list[tuple[str, str]]:
     return [(row.message, row.response) for row in reversed(rows)]
 
 
-def _with_write_retries(action, what: str) -> bool:
-    """Run and commit ``action``, retrying database outages briefly."""
-    for attempt in range(AFTER_ANSWER_WRITE_ATTEMPTS):
+def _with_write_retries(action, what: str):
+    """Run and commit ``action``, riding out a database blip of a few seconds.
+
+    Used for the writes that follow an answer (save, refund, key release):
+    the model's work is already done, and giving up at once would lose an
+    answer or a refund to a restart of PostgreSQL.
+    """
+    deadline = time.monotonic() + WRITE_RETRY_SECONDS
+    delay = 0.1
+    while True:
         try:
             result = action()
             db.session.commit()
             return result
         except OperationalError:
             db.session.rollback()
-            if attempt + 1 == AFTER_ANSWER_WRITE_ATTEMPTS:
+            if time.monotonic() + delay > deadline:
                 log.error("could not %s: database unavailable", what)
                 raise
-            time.sleep(0.25 * 2**attempt)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def send_message(command: SendCommand) -> Answer:
@@ -149,71 +157,37 @@ def send_message(command: SendCommand) -> Answer:
 
     claim_id = None
     if command.request_id:
-        claim_ttl = config["LLM_DEADLINE"] + config["USER_CONTEXT_TIMEOUT"] + 30
-        claimed = idempotency.claim_key(
-            command.telegram_id, command.request_id, command.message, day.now, claim_ttl
-        )
-        db.session.commit()
-        if isinstance(claimed, idempotency.StoredAnswer):
-            used = quota.used_today(command.telegram_id, day)
-            db.session.commit()
-            metrics.IDEMPOTENT_REPLAYS.inc()
-            annotate(outcome="replayed")
-            return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day, True)
+        claimed = _claim_key(command, day, limit)
+        if isinstance(claimed, Answer):
+            return claimed
         claim_id = claimed
 
-    used = quota.reserve_quota(command.telegram_id, day, limit)
-    if used is None:
+    try:
+        used, exchanges = _reserve_and_read_context(command, day, limit, watch)
+    except BaseException:
+        # Nothing was committed, so there is no unit to give back; only the key.
         db.session.rollback()
-        metrics.QUOTA_REJECTIONS.inc()
-        annotate(outcome="limit_exceeded")
         if claim_id is not None:
             _with_write_retries(lambda: idempotency.release_key(claim_id), "release a key")
-        raise _limit_exceeded(Usage(limit, limit), day)
-    metrics.QUOTA_RESERVATIONS.inc()
-    watch.lap("quota")
+        raise
 
     try:
-        exchanges = recent_exchanges(command.telegram_id, config["CONTEXT_MESSAGES"])
-        # Commit the reservation with the read: no connection is held from
-        # here until the answer is back.
-        db.session.commit()
-        watch.lap("context")
-        user_context = _personalisation(command)
         messages = prompts.build_messages(
-            command.message, exchanges, user_context, config["CONTEXT_MAX_CHARS"]
+            command.message, exchanges, _personalisation(command), config["CONTEXT_MAX_CHARS"]
         )
         completion = current_app.extensions["llm"].complete(messages)
         watch.lap("llm")
     except BaseException as error:
-        db.session.rollback()
         _give_back(command.telegram_id, day, claim_id, error)
         raise
 
-    def save():
-        # A fresh row per attempt: a rolled-back flush leaves ids behind.
-        row = ChatRequest(
-            telegram_id=command.telegram_id,
-            user_id=command.user_id,
-            message=command.message,
-            response=completion.text,
-            tokens_used=completion.tokens,
-            request_date=day.today,
-            created_at=day.now,
-        )
-        db.session.add(row)
-        if claim_id is not None:
-            db.session.flush()
-            idempotency.complete_key(claim_id, row.id)
-
     try:
-        _with_write_retries(save, "save an answered exchange")
+        _with_write_retries(lambda: _save(command, completion, day, claim_id), "save an answer")
     except OperationalError:
         # The seller gets the answer they were charged for; only the history
-        # row is missing. Logged above for the operator.
+        # row is missing (logged for the operator).
         pass
     except Exception as error:
-        db.session.rollback()
         _give_back(command.telegram_id, day, claim_id, error)
         raise
     watch.lap("save")
@@ -222,6 +196,63 @@ def send_message(command: SendCommand) -> Answer:
         metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
     annotate(outcome="answered", llm_ms=round(timings["llm"], 1), tokens=completion.tokens)
     return Answer(completion.text, completion.tokens, Usage(limit, used), day, timings=timings)
+
+
+def _claim_key(command: SendCommand, day: Day, limit: int) -> int | Answer:
+    """Own the request's idempotency key, or replay the answer it already has."""
+    config = current_app.config
+    claim_ttl = config["LLM_DEADLINE"] + config["USER_CONTEXT_TIMEOUT"] + WRITE_RETRY_SECONDS + 30
+    claimed = idempotency.claim_key(
+        command.telegram_id, command.request_id, command.message, day.now, claim_ttl
+    )
+    if isinstance(claimed, int):
+        db.session.commit()
+        return claimed
+    used = quota.used_today(command.telegram_id, day)
+    db.session.commit()
+    metrics.IDEMPOTENT_REPLAYS.inc()
+    annotate(outcome="replayed")
+    return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day, replayed=True)
+
+
+def _reserve_and_read_context(command: SendCommand, day: Day, limit: int, watch: Stopwatch):
+    """Reserve a unit and read the context in one transaction, then commit, so
+    no connection is held while the model answers.
+
+    Raises:
+        DailyLimitExceeded: nothing reserved.
+    """
+    used = quota.reserve_quota(command.telegram_id, day, limit)
+    if used is None:
+        metrics.QUOTA_REJECTIONS.inc()
+        annotate(outcome="limit_exceeded")
+        raise _limit_exceeded(Usage(limit, limit), day)
+    watch.lap("quota")
+    exchanges = recent_exchanges(command.telegram_id, current_app.config["CONTEXT_MESSAGES"])
+    db.session.commit()
+    metrics.QUOTA_RESERVATIONS.inc()
+    watch.lap("context")
+    return used, exchanges
+
+
+def _save(command: SendCommand, completion, day: Day, claim_id: int | None) -> None:
+    """Store the exchange (and point the key at it); the caller commits.
+
+    A fresh row per attempt: a rolled-back flush leaves its id behind.
+    """
+    row = ChatRequest(
+        telegram_id=command.telegram_id,
+        user_id=command.user_id,
+        message=command.message,
+        response=completion.text,
+        tokens_used=completion.tokens,
+        request_date=day.today,
+        created_at=day.now,
+    )
+    db.session.add(row)
+    if claim_id is not None:
+        db.session.flush()
+        idempotency.complete_key(claim_id, row.id)
 
 
 def _personalisation(command: SendCommand) -> str | None:
@@ -243,6 +274,7 @@ def _personalisation(command: SendCommand) -> str | None:
 
 def _give_back(telegram_id: int, day: Day, claim_id: int | None, error: BaseException) -> None:
     """Refund the unit and free the key of a request that got no answer."""
+    db.session.rollback()
     if not isinstance(error, ApiError):
         log.error("send failed after the reservation: %s", type(error).__name__)
 
