@@ -1,7 +1,225 @@
-"""Operator commands: ``flask --app wsgi chat ...``."""
+"""Operator commands: ``flask --app wsgi chat ...``.
 
-from flask import Flask
+``cleanup`` (history retention), ``reset-limit`` and ``stats`` (the admin use
+cases of the API, without going through HTTP) and ``check`` (configuration and
+connectivity). Every command runs inside an application context and exits
+non-zero when it could not do what was asked, so cron jobs and deploy scripts
+can rely on the status.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+from sqlalchemy import bindparam, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.chat import service
+from app.chat.schemas import MAX_BIGINT
+from app.extensions import db
+from app.models import UTCDateTime
+
+chat = AppGroup("chat", help="Operator commands of the AI Chat Service.")
+
+TELEGRAM_ID = click.IntRange(1, MAX_BIGINT)
+# Seconds the LLM check may take, whatever OPENAI_TIMEOUT says: a check that
+# hangs for the production timeout is no use in a deploy script.
+LLM_CHECK_TIMEOUT = 5.0
+
+# One batch of the oldest rows, picked through the primary key: old rows have
+# the lowest ids, so the scan stops early and each DELETE holds its row locks
+# only for one short transaction. The keys go first and explicitly: the
+# foreign key cascades on PostgreSQL, but SQLite enforces it only with
+# PRAGMA foreign_keys, which the app does not turn on.
+_OLD_BATCH = (
+    "SELECT id FROM ai_chat_requests WHERE created_at < :cutoff ORDER BY id LIMIT :batch"
+)
+_DELETE_BATCH_KEYS = text(
+    f"DELETE FROM ai_chat_idempotency_keys WHERE chat_request_id IN ({_OLD_BATCH})"
+).bindparams(bindparam("cutoff", type_=UTCDateTime()))
+_DELETE_BATCH = text(f"DELETE FROM ai_chat_requests WHERE id IN ({_OLD_BATCH})").bindparams(
+    bindparam("cutoff", type_=UTCDateTime())
+)
+# Claims of requests that died before answering are taken over after minutes
+# (idempotency.claim_key); past the retention period they are only clutter.
+_DELETE_ABANDONED_KEYS = text(
+    "DELETE FROM ai_chat_idempotency_keys "
+    "WHERE chat_request_id IS NULL AND claimed_at < :cutoff"
+).bindparams(bindparam("cutoff", type_=UTCDateTime()))
+
+
+def delete_exchanges_before(cutoff: datetime, batch_size: int) -> tuple[int, int, int]:
+    """Delete exchanges created before ``cutoff``, ``batch_size`` rows per commit.
+
+    Returns (exchanges deleted, idempotency keys deleted, batches).
+    """
+    exchanges = keys = batches = 0
+    params = {"cutoff": cutoff, "batch": batch_size}
+    while True:
+        keys += db.session.execute(_DELETE_BATCH_KEYS, params).rowcount
+        deleted = db.session.execute(_DELETE_BATCH, params).rowcount
+        db.session.commit()
+        if deleted == 0:
+            break
+        exchanges += deleted
+        batches += 1
+        if deleted < batch_size:
+            break
+    keys += db.session.execute(_DELETE_ABANDONED_KEYS, {"cutoff": cutoff}).rowcount
+    db.session.commit()
+    return exchanges, keys, batches
+
+
+@chat.command("cleanup")
+@click.option(
+    "--older-than-days",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Delete exchanges created more than this many days ago.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="Rows deleted per transaction.",
+)
+def cleanup(older_than_days: int, batch_size: int) -> None:
+    """Delete history older than N days (quota counters stay)."""
+    cutoff = current_app.config["CLOCK"]() - timedelta(days=older_than_days)
+    exchanges, keys, batches = delete_exchanges_before(cutoff, batch_size)
+    click.echo(
+        f"Deleted {exchanges} exchange(s) created before {cutoff.isoformat(timespec='seconds')} "
+        f"in {batches} batch(es), and {keys} idempotency key(s)."
+    )
+
+
+@chat.command("reset-limit")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+def reset_limit(telegram_id: int) -> None:
+    """Zero the user's counter for today (exit 1: no such user)."""
+    result = service.reset_limit(telegram_id)
+    click.echo(result["message"], err=not result["success"])
+    if not result["success"]:
+        raise SystemExit(1)
+
+
+@chat.command("stats")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+@click.option("--days", type=click.IntRange(1, 365), default=7, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines.")
+def stats(telegram_id: int, days: int, as_json: bool) -> None:
+    """A user's answers and tokens over --days days, and quota."""
+    result = service.stats(telegram_id, days)
+    today = service.limits(telegram_id)
+    result.update(
+        requests_today=today["requests_today"],
+        requests_remaining=today["requests_remaining"],
+        daily_limit=today["daily_limit"],
+    )
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    for name, value in result.items():
+        click.echo(f"{name}: {'unlimited' if value is None else value}")
+
+
+# --- check ---------------------------------------------------------------------
+
+
+def _reason(error: BaseException) -> str:
+    """The error class and the first line of its text, for the operator's eyes.
+
+    Wrapped errors (SQLAlchemy's ``orig``, the openai SDK's "Connection error.")
+    are unwrapped: the driver's own text says what is wrong.
+    """
+    original = getattr(error, "orig", None) or error.__cause__ or error
+    first_line = (str(original).strip().splitlines() or [""])[0][:200]
+    return f"{type(original).__name__}: {first_line}" if first_line else type(original).__name__
+
+
+def _check_config() -> tuple[bool, str]:
+    config = current_app.config
+    settings = current_app.extensions["llm"].settings
+    url = make_url(config["SQLALCHEMY_DATABASE_URI"]).render_as_string(hide_password=True)
+    llm = (
+        f"LLM {settings.model} at {settings.base_url or 'https://api.openai.com/v1'}"
+        if current_app.extensions["llm"].configured
+        else "LLM not configured"
+    )
+    admin = "set" if config["ADMIN_API_KEY"] else "not set"
+    return True, (
+        f"{len(config['API_KEYS'])} API key(s), admin key {admin}, {llm}, "
+        f"daily limit {config['DAILY_LIMIT'] or 'unlimited'}, database {url}"
+    )
+
+
+def _check_database() -> tuple[bool, str]:
+    try:
+        db.session.execute(text("SELECT 1"))
+        db.session.commit()
+    except SQLAlchemyError as error:
+        db.session.rollback()
+        return False, _reason(error)
+    return True, f"SELECT 1 answered ({db.engine.dialect.name})"
+
+
+def _check_schema() -> tuple[bool, str]:
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    migrate = current_app.extensions["migrate"].migrate
+    heads = set(ScriptDirectory.from_config(migrate.get_config()).get_heads())
+    try:
+        with db.engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except SQLAlchemyError as error:
+        return False, _reason(error)
+    if current == heads:
+        return True, f"migrated to {', '.join(sorted(heads))}"
+    found = f"at {', '.join(sorted(current))}" if current else "not migrated"
+    return False, (
+        f"{found}, head is {', '.join(sorted(heads))}: run `flask --app wsgi db upgrade`"
+    )
+
+
+def _check_llm() -> tuple[bool, str]:
+    llm = current_app.extensions["llm"]
+    if not llm.configured:
+        return False, "not configured: set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL"
+    try:
+        return True, llm.ping(timeout=min(llm.settings.timeout, LLM_CHECK_TIMEOUT))
+    except Exception as error:  # any failure is the check's answer
+        return False, f"{llm.settings.base_url or 'OpenAI'}: {_reason(error)}"
+
+
+CHECKS = (
+    ("config", _check_config),
+    ("database", _check_database),
+    ("schema", _check_schema),
+    ("llm", _check_llm),
+)
+
+
+@chat.command("check")
+def check() -> None:
+    """Check config, database, schema and the LLM endpoint."""
+    failed = []
+    for name, run in CHECKS:
+        ok, detail = run()
+        click.echo(f"{name}: {'ok' if ok else 'FAILED'} - {detail}")
+        if not ok:
+            failed.append(name)
+    if failed:
+        click.echo(f"check failed: {', '.join(failed)}", err=True)
+        raise SystemExit(1)
 
 
 def init_app(app: Flask) -> None:
     """Register the ``chat`` command group."""
+    app.cli.add_command(chat)

@@ -112,6 +112,23 @@ class LLMClient:
             metrics.LLM_REQUESTS.labels(outcome).inc()
             metrics.LLM_DURATION.observe(time.monotonic() - started)
 
+    def ping(self, timeout: float) -> str:
+        """``GET {base_url}/models`` once, for operators' checks.
+
+        Returns a one-line description. Raises LLMNotConfigured or any
+        ``openai`` error.
+        """
+        if not self.configured:
+            raise LLMNotConfigured()
+        client = self._client.with_options(timeout=timeout, max_retries=0)
+        count = len(client.models.list().data)
+        return f"GET {client.base_url}models answered ({count} model(s))"
+
+    def close(self) -> None:
+        """Close pooled connections (tests; a worker simply exits)."""
+        if self._client is not None:
+            self._client.close()
+
     def _complete(self, messages: list[dict], started: float) -> Completion:
         if not self.configured:
             raise LLMNotConfigured()

@@ -21,6 +21,10 @@ log = logging.getLogger("ai_chat.request")
 # A client's X-Request-ID is echoed into logs and headers: keep it tame.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+_REQUEST_FIELDS = (
+    "request_id", "method", "path", "status", "duration_ms", "telegram_id",
+    "message_chars", "outcome", "error", "llm_ms", "tokens",
+)
 
 
 def annotate(**fields) -> None:
@@ -63,6 +67,19 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+class _TextFormatter(logging.Formatter):
+    """Human lines for development: the message, then the request's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(
+            f"{name}={getattr(record, name)}"
+            for name in _REQUEST_FIELDS
+            if getattr(record, name, None) is not None
+        )
+        return f"{line} {fields}" if fields else line
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is now (test runners swap it)."""
 
@@ -79,7 +96,7 @@ def configure_logging(level: str, fmt: str) -> None:
     """One stdout handler on the root logger; JSON unless ``fmt`` is "text"."""
     handler = _StdoutHandler()
     if fmt == "text":
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
     else:
         handler.setFormatter(
             JsonFormatter(

@@ -137,6 +137,8 @@ def make_app(database_url, fake_llm):
     from app.extensions import db
 
     for app in apps:
+        # Keep-alive sockets left to the garbage collector would warn (= fail).
+        app.extensions["llm"].close()
         with app.app_context():
             db.engine.dispose()
 
