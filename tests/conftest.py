@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 
 import psycopg2
@@ -16,9 +17,9 @@ from werkzeug.serving import make_server
 
 from app import create_app
 from tests.fake_llm import FakeLLM
+from tests.servers import API_KEY
 
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres")
-API_KEY = "test-key"
 TABLES = ("ai_chat_idempotency_keys", "ai_chat_requests", "ai_chat_daily_limits")
 
 
@@ -36,17 +37,32 @@ def dsn_to_url(dbname: str) -> str:
     return f"postgresql://{user}@{host}:{port}/{dbname}"
 
 
+@contextmanager
+def created_database(prefix: str):
+    """An empty PostgreSQL database (its name), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with closing(pg_connect("postgres")) as admin, admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield name
+        finally:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def counters_and_rows(dsn: str) -> tuple[dict, dict]:
+    """Per telegram_id: the quota counter, and the number of stored exchanges."""
+    with closing(psycopg2.connect(dsn)) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT telegram_id, request_count FROM ai_chat_daily_limits")
+        counters = dict(cursor.fetchall())
+        cursor.execute("SELECT telegram_id, count(*) FROM ai_chat_requests GROUP BY telegram_id")
+        return counters, dict(cursor.fetchall())
+
+
 @pytest.fixture(scope="session")
 def database_name():
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
-    name = f"ai_chat_test_{uuid.uuid4().hex[:10]}"
-    admin = pg_connect("postgres")
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    with created_database("ai_chat_test") as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ the project's gunicorn.conf.py, started on a free loopback port."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,33 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+
+
+API_KEY = "test-key"
+
+
+def post_send(base_url: str, telegram_id: int, message: str = "Как поднять продажи?"):
+    """One send the way the bot does it; returns (status, JSON body)."""
+    response = requests.post(
+        f"{base_url}/v1/chat/send",
+        json={"telegram_id": telegram_id, "message": message},
+        headers={"X-API-KEY": API_KEY},
+        timeout=30,
+    )
+    return response.status_code, response.json()
+
+
+def request_log_lines(text: str) -> list[dict]:
+    """The app's JSON request lines (logger ai_chat.request) in a log text."""
+    lines = []
+    for raw in text.splitlines():
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("logger") == "ai_chat.request":
+            lines.append(record)
+    return lines
 
 
 def free_port() -> int:

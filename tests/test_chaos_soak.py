@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.conftest import API_KEY, base_env, pg_connect
+from tests.conftest import ADMIN_DSN, API_KEY, base_env, counters_and_rows
 from tests.fake_llm import FakeLLM
 from tests.servers import Gunicorn
 
@@ -82,17 +82,7 @@ def soak(database_url, database_name, chaotic_llm, tmp_path_factory):
         log = server.log()
     outcomes = Counter(chaotic_llm.outcomes)
     # Read now: the autouse cleanup empties the tables after every test.
-    connection = pg_connect(database_name)
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT telegram_id, request_count FROM ai_chat_daily_limits")
-            counters = dict(cursor.fetchall())
-            cursor.execute(
-                "SELECT telegram_id, count(*) FROM ai_chat_requests GROUP BY telegram_id"
-            )
-            rows = dict(cursor.fetchall())
-    finally:
-        connection.close()
+    counters, rows = counters_and_rows(f"{ADMIN_DSN} dbname={database_name}")
     print(f"\nchaos soak: fake LLM outcomes {dict(outcomes)}, "
           f"statuses {dict(Counter(status for _, status, _ in results))}")
     return {

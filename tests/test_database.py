@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -28,7 +27,7 @@ from werkzeug.serving import make_server
 
 from app import create_app
 from app.extensions import db
-from tests.conftest import API_KEY, Api, dsn_to_url, pg_connect
+from tests.conftest import API_KEY, Api, created_database, dsn_to_url, pg_connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEAD_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
@@ -56,14 +55,8 @@ def table_names(app) -> set[str]:
 @pytest.fixture
 def fresh_postgres():
     """An empty PostgreSQL database: yields its name, dropped afterwards."""
-    name = f"ai_chat_mig_{uuid.uuid4().hex[:10]}"
-    admin = pg_connect("postgres")
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    yield name
-    with admin.cursor() as cursor:
-        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+    with created_database("ai_chat_mig") as name:
+        yield name
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

@@ -18,13 +18,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import psycopg2
 import pytest
 import requests
 
 from app import create_app
 from tests import pg_cluster
-from tests.conftest import API_KEY, base_env
+from tests.conftest import API_KEY, base_env, counters_and_rows
 from tests.servers import Gunicorn
 
 LOAD_THREADS = 6
@@ -158,20 +157,6 @@ def probe(url: str) -> tuple[int | None, object]:
         return response.status_code, response.text[:300]
 
 
-def counters_and_rows(cluster: pg_cluster.PgCluster) -> tuple[dict, dict]:
-    connection = psycopg2.connect(cluster.dsn())
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT telegram_id, request_count FROM ai_chat_daily_limits")
-            counters = dict(cursor.fetchall())
-            cursor.execute(
-                "SELECT telegram_id, count(*) FROM ai_chat_requests GROUP BY telegram_id"
-            )
-            rows = dict(cursor.fetchall())
-    finally:
-        connection.close()
-    return counters, rows
-
 
 @pytest.fixture(scope="module")
 def outage(_fake_llm_server, tmp_path_factory):
@@ -205,7 +190,7 @@ def outage(_fake_llm_server, tmp_path_factory):
                 seen["workers_after"] = child_pids(server.process.pid)
                 seen["ready_after"] = probe(f"{server.url}/health/ready")
                 seen["log"] = server.log()
-            seen["counters"], seen["rows"] = counters_and_rows(cluster)
+            seen["counters"], seen["rows"] = counters_and_rows(cluster.dsn())
     finally:
         fake.reset()
     return seen

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 from tests.conftest import API_KEY, base_env
-from tests.servers import ROOT, Gunicorn, free_port, wait_until_up
+from tests.servers import ROOT, Gunicorn, free_port, post_send, request_log_lines, wait_until_up
 
 DAILY_LIMIT = 30
 SENDS = 80
@@ -142,15 +142,6 @@ def entry_urls(request, instances):
     return [server.url for server in instances]
 
 
-def post_send(base_url: str, telegram_id: int, message: str = "Как поднять продажи?"):
-    response = requests.post(
-        f"{base_url}/v1/chat/send",
-        json={"telegram_id": telegram_id, "message": message},
-        headers={"X-API-KEY": API_KEY},
-        timeout=30,
-    )
-    return response.status_code, response.json()
-
 
 def send_all_at_once(urls: list[str], telegram_id: int, count: int) -> list[tuple[int, dict]]:
     """``count`` sends for one user, released together by a barrier, spread over ``urls``."""
@@ -163,18 +154,6 @@ def send_all_at_once(urls: list[str], telegram_id: int, count: int) -> list[tupl
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(one, range(count)))
 
-
-def request_log_lines(server: Gunicorn) -> list[dict]:
-    """The app's JSON request lines in an instance's log."""
-    lines = []
-    for line in server.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("logger") == "ai_chat.request":
-            lines.append(record)
-    return lines
 
 
 @pytest.fixture
@@ -217,11 +196,12 @@ def test_two_instances_count_store_and_call_the_llm_once_per_answer(
 
 
 def test_nginx_spreads_sends_over_both_instances(nginx, instances, fake_llm):
-    before = [len(request_log_lines(server)) for server in instances]
+    before = [len(request_log_lines(server.log())) for server in instances]
     results = send_all_at_once([nginx.url], USER, 20)
     assert Counter(code for code, _ in results) == {200: 20}
     served = [
-        [line for line in request_log_lines(server)[count:] if line["path"] == "/v1/chat/send"]
+        [line for line in request_log_lines(server.log())[count:]
+         if line["path"] == "/v1/chat/send"]
         for server, count in zip(instances, before, strict=True)
     ]
     assert sum(len(lines) for lines in served) == 20
@@ -235,7 +215,7 @@ def test_nginx_passes_the_clients_request_id_to_the_app_and_back(nginx, instance
     )
     assert response.status_code == 200
     assert response.headers["X-Request-ID"] == "bot-upd-77:1"
-    logged = [line for server in instances for line in request_log_lines(server)
+    logged = [line for server in instances for line in request_log_lines(server.log())
               if line.get("request_id") == "bot-upd-77:1"]
     assert [(line["path"], line["status"]) for line in logged] == [
         (f"/v1/chat/limits/{USER}", 200)
@@ -249,7 +229,7 @@ def test_nginx_makes_up_a_request_id_when_the_client_sends_none(nginx, instances
     assert response.status_code == 200
     request_id = response.headers["X-Request-ID"]
     assert re.fullmatch(r"[0-9a-f]{32}", request_id)
-    logged = [line for server in instances for line in request_log_lines(server)
+    logged = [line for server in instances for line in request_log_lines(server.log())
               if line.get("request_id") == request_id]
     assert len(logged) == 1
 

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import API_KEY, base_env
 from tests.fake_llm import delay, ok, status
-from tests.servers import Gunicorn, free_port
+from tests.servers import Gunicorn, free_port, request_log_lines
 
 SEND = "/v1/chat/send"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -279,15 +279,7 @@ def test_metrics_endpoint_serves_prometheus_text_without_an_api_key(client):
 
 def request_lines(capsys) -> list[dict]:
     """The JSON request lines written to stdout so far."""
-    lines = []
-    for raw in capsys.readouterr().out.splitlines():
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("logger") == "ai_chat.request":
-            lines.append(record)
-    return lines
+    return request_log_lines(capsys.readouterr().out)
 
 
 @pytest.fixture

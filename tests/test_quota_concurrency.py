@@ -16,11 +16,11 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 from werkzeug.serving import make_server
 
 from tests.conftest import API_KEY
 from tests.fake_llm import ok, status
+from tests.servers import post_send
 
 
 @pytest.fixture
@@ -41,16 +41,6 @@ def serve():
         thread.join(timeout=5)
         server.server_close()
 
-
-def post_send(base_url: str, telegram_id: int, message: str = "Как поднять продажи?"):
-    """One send the way the bot does it; returns (status, JSON body)."""
-    response = requests.post(
-        f"{base_url}/v1/chat/send",
-        json={"telegram_id": telegram_id, "message": message},
-        headers={"X-API-KEY": API_KEY},
-        timeout=30,
-    )
-    return response.status_code, response.json()
 
 
 def send_all_at_once(targets: list[tuple[str, int]]) -> list[tuple[int, dict]]:
