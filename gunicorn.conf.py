@@ -109,10 +109,14 @@ bind = _env_str(
 #       way to overlap many slow calls in a synchronous Flask app.
 #   workers - WEB_CONCURRENCY, default 2: one per core of the target 2-core box;
 #       more processes would not add throughput, only memory.
-#   threads - GUNICORN_THREADS, default 100: 2 x 100 = 200 LLM calls in flight per
-#       box. Each thread needs a database connection only around its short
-#       queries, but keep workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) x instances
-#       below PostgreSQL's max_connections.
+#   threads - GUNICORN_THREADS, default 150: 2 x 150 = 300 LLM calls in flight per
+#       box. Keep-alive connections stay with the worker that accepted them and
+#       the split between workers is uneven (60/40 seen), so each worker gets
+#       headroom over its half of the 200 concurrent chats a 2-core box serves
+#       (bench/RESULTS.md). Each thread needs a database connection only around
+#       its short queries (DB_POOL_SIZE defaults to threads / 5); keep
+#       workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) x instances below
+#       PostgreSQL's max_connections.
 #   timeout - LLM_DEADLINE + 15 s. gthread heartbeats from its main loop, not from
 #       the request thread, but a worker must never be killed while a legitimate
 #       LLM call is still inside its deadline, whatever the worker type.
@@ -127,7 +131,7 @@ _llm_deadline = math.ceil(_env_number("LLM_DEADLINE", 45))
 
 worker_class = "gthread"
 workers = _env_int("WEB_CONCURRENCY", 2)
-threads = _env_int("GUNICORN_THREADS", 100)
+threads = _env_int("GUNICORN_THREADS", 150)
 timeout = _llm_deadline + 15
 graceful_timeout = _llm_deadline + 5
 keepalive = 5

@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.chat import service
 from app.chat.schemas import MAX_BIGINT
 from app.extensions import db
-from app.models import UTCDateTime
+from app.models import UTCDateTime, begin_transaction
 
 chat = AppGroup("chat", help="Operator commands of the AI Chat Service.")
 
@@ -33,9 +33,9 @@ LLM_CHECK_TIMEOUT = 5.0
 
 # One batch of the oldest rows, picked through the primary key: old rows have
 # the lowest ids, so the scan stops early and each DELETE holds its row locks
-# only for one short transaction. The keys go first and explicitly: the
-# foreign key cascades on PostgreSQL, but SQLite enforces it only with
-# PRAGMA foreign_keys, which the app does not turn on.
+# only for one short transaction. The keys go first and explicitly, in the
+# same transaction: the foreign key cascades too, but a database the old
+# service created may lack it.
 _OLD_BATCH = (
     "SELECT id FROM ai_chat_requests WHERE created_at < :cutoff ORDER BY id LIMIT :batch"
 )
@@ -61,6 +61,7 @@ def delete_exchanges_before(cutoff: datetime, batch_size: int) -> tuple[int, int
     exchanges = keys = batches = 0
     params = {"cutoff": cutoff, "batch": batch_size}
     while True:
+        begin_transaction()
         keys += db.session.execute(_DELETE_BATCH_KEYS, params).rowcount
         deleted = db.session.execute(_DELETE_BATCH, params).rowcount
         db.session.commit()

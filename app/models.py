@@ -96,3 +96,11 @@ class IdempotencyKey(db.Model):
         # The database, not a process lock, decides who owns a key.
         UniqueConstraint("telegram_id", "request_id", name="uq_ai_chat_idempotency_keys_key"),
     )
+
+
+def begin_transaction() -> None:
+    """Make the session's next statements one transaction, ended by its
+    commit or rollback. The engine runs in autocommit mode (app/config.py),
+    so units of more than one statement ask for this explicitly."""
+    level = "READ COMMITTED" if db.engine.dialect.name == "postgresql" else "SERIALIZABLE"
+    db.session.connection(execution_options={"isolation_level": level})

@@ -43,6 +43,10 @@ def run_migrations_online():
     conf_args.setdefault("process_revision_directives", process_revision_directives)
 
     with target_db.engine.connect() as connection:
+        # The app's engine runs in autocommit mode; migrations (and the
+        # advisory lock) need a real transaction.
+        level = "READ COMMITTED" if connection.dialect.name == "postgresql" else "SERIALIZABLE"
+        connection = connection.execution_options(isolation_level=level)
         context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import delete, func, select
+from sqlalchemy import Date, bindparam, delete, func, select, text
 from sqlalchemy.exc import OperationalError
 
 from app import metrics
@@ -23,7 +23,7 @@ from app.chat.quota import Day, Usage
 from app.errors import ApiError, DailyLimitExceeded
 from app.extensions import db
 from app.logs import annotate
-from app.models import ChatRequest
+from app.models import ChatRequest, UTCDateTime, begin_transaction
 from app.user_context import fetch_user_context
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,26 @@ class Answer:
             "tokens_used": self.tokens_used,
             "daily_limit": self.usage.limit,
         }
+
+
+# The hot path's statements, prebuilt: plain SQL skips the ORM's per-call
+# statement construction and compilation-cache lookups (bench/RESULTS.md).
+_RECENT = text(
+    "SELECT message, response FROM ai_chat_requests "
+    "WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :count"
+)
+_INSERT_SQL = (
+    "INSERT INTO ai_chat_requests "
+    "(telegram_id, user_id, message, response, tokens_used, request_date, created_at) "
+    "VALUES (:telegram_id, :user_id, :message, :response, :tokens_used, :request_date, "
+    ":created_at)"
+)
+_INSERT_TYPES = (
+    bindparam("request_date", type_=Date()),
+    bindparam("created_at", type_=UTCDateTime()),
+)
+_INSERT = text(_INSERT_SQL).bindparams(*_INSERT_TYPES)
+_INSERT_RETURNING_ID = text(_INSERT_SQL + " RETURNING id").bindparams(*_INSERT_TYPES)
 
 
 class Stopwatch:
@@ -108,13 +128,8 @@ def recent_exchanges(telegram_id: int, count: int) -> list[tuple[str, str]]:
     """The user's last ``count`` exchanges, oldest first."""
     if count <= 0:
         return []
-    rows = db.session.execute(
-        select(ChatRequest.message, ChatRequest.response)
-        .where(ChatRequest.telegram_id == telegram_id)
-        .order_by(ChatRequest.id.desc())
-        .limit(count)
-    ).all()
-    return [(row.message, row.response) for row in reversed(rows)]
+    rows = db.session.execute(_RECENT, {"telegram_id": telegram_id, "count": count}).all()
+    return [(message, response) for message, response in reversed(rows)]
 
 
 def _with_write_retries(action, what: str):
@@ -238,21 +253,24 @@ def _reserve_and_read_context(command: SendCommand, day: Day, limit: int, watch:
 def _save(command: SendCommand, completion, day: Day, claim_id: int | None) -> None:
     """Store the exchange (and point the key at it); the caller commits.
 
-    A fresh row per attempt: a rolled-back flush leaves its id behind.
+    Without a key it is one INSERT; with one, the INSERT and the key update
+    share a transaction, so a retry never stores the answer twice.
     """
-    row = ChatRequest(
-        telegram_id=command.telegram_id,
-        user_id=command.user_id,
-        message=command.message,
-        response=completion.text,
-        tokens_used=completion.tokens,
-        request_date=day.today,
-        created_at=day.now,
-    )
-    db.session.add(row)
-    if claim_id is not None:
-        db.session.flush()
-        idempotency.complete_key(claim_id, row.id)
+    values = {
+        "telegram_id": command.telegram_id,
+        "user_id": command.user_id,
+        "message": command.message,
+        "response": completion.text,
+        "tokens_used": completion.tokens,
+        "request_date": day.today,
+        "created_at": day.now,
+    }
+    if claim_id is None:
+        db.session.execute(_INSERT, values)
+        return
+    begin_transaction()
+    row_id = db.session.execute(_INSERT_RETURNING_ID, values).scalar_one()
+    idempotency.complete_key(claim_id, row_id)
 
 
 def _personalisation(command: SendCommand) -> str | None:
@@ -279,9 +297,10 @@ def _give_back(telegram_id: int, day: Day, claim_id: int | None, error: BaseExce
         log.error("send failed after the reservation: %s", type(error).__name__)
 
     def undo():
-        quota.refund_quota(telegram_id, day)
         if claim_id is not None:
+            begin_transaction()
             idempotency.release_key(claim_id)
+        quota.refund_quota(telegram_id, day)
 
     annotate(outcome=getattr(error, "code", "internal_error"))
     try:
@@ -308,6 +327,7 @@ def history(telegram_id: int, limit: int, offset: int) -> dict:
 
 def delete_history(telegram_id: int) -> dict:
     """Forget the user's exchanges and idempotency keys; quota counters stay."""
+    begin_transaction()
     idempotency.forget_keys(telegram_id)
     deleted = db.session.execute(
         delete(ChatRequest).where(ChatRequest.telegram_id == telegram_id)

@@ -1,0 +1,480 @@
+"""RESULTS.md: machine, settings, figures, targets met or not, leak check, profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+
+from bench import whatif
+from bench.servers import ROOT
+from bench.stats import Figures
+
+# (service scenario, forward scenario) pairs shown as ratios.
+PAIRS = (("slow-50", "fwd-slow-50"), ("slow-200", "fwd-slow-200"), ("fast-50", "fwd-fast-50"))
+# RSS growth from the middle to the end of the leak run that still counts as flat.
+LEAK_TOLERANCE_MIB = 2.0
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _pair(first, second, digits: int = 1) -> str:
+    return f"{_fmt(first, digits)} / {_fmt(second, digits)}"
+
+
+def _gunicorn_settings(overrides: dict) -> dict:
+    """Execute gunicorn.conf.py the way gunicorn does, in a child, and read its values."""
+    with tempfile.TemporaryDirectory(prefix="bench-conf-") as metrics_dir:
+        env = {**os.environ, **overrides, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        env.pop("AI_CHAT_METRICS_MASTER_PID", None)
+        code = (
+            "import json, runpy; c = runpy.run_path('gunicorn.conf.py'); print(json.dumps("
+            "{k: c[k] for k in ('worker_class', 'workers', 'threads', 'timeout', "
+            "'graceful_timeout', 'keepalive')}))"
+        )
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def settings(overrides: dict, max_connections: int) -> dict:
+    """The effective gunicorn and pool settings of the run, from the project's own code."""
+    from app.config import load_config
+
+    gunicorn = _gunicorn_settings(overrides)
+    env = {"API_SECRET_KEY": "bench", "DATABASE_URL": "postgresql://x@localhost/x",
+           **os.environ, **overrides}
+    engine = load_config(env)["SQLALCHEMY_ENGINE_OPTIONS"]
+    workers = gunicorn.get("workers", 0)
+    per_worker = engine["pool_size"] + engine["max_overflow"]
+    summary = (
+        f"{workers} {gunicorn.get('worker_class')} workers x {gunicorn.get('threads')} threads, "
+        f"pool {engine['pool_size']}+{engine['max_overflow']} per worker "
+        f"(<= {workers * per_worker} of max_connections {max_connections}), "
+        f"pool_timeout {engine['pool_timeout']}s, worker timeout {gunicorn.get('timeout')}s"
+    )
+    return {"gunicorn": gunicorn, "engine": engine, "overrides": overrides, "summary": summary}
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    with open("/proc/meminfo") as handle:
+        memory_gib = int(handle.readline().split()[1]) / 1024 / 1024
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {memory_gib:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def _split(f: Figures) -> str:
+    """Share of the gunicorn CPU each worker used, e.g. "52/48"."""
+    return "/".join(f"{share * 100:.0f}" for share in f.worker_cpu_split) or "–"
+
+
+def console_line(f: Figures) -> str:
+    return (
+        f"{f.name:>13}: {f.answers_per_s:7.1f} answers/s  p50 {_fmt(f.p50)} ms  "
+        f"p99 {_fmt(f.p99)} ms  overhead p50 {_fmt(f.overhead_p50)} ms  "
+        f"own p50 {_fmt(f.own_p50)} ms  "
+        f"quota/save p99 {_pair(f.phases_p99.get('quota'), f.phases_p99.get('save'))} ms  "
+        f"errors {f.error_count}  CPU {_fmt(f.cpu_ms_per_answer.get('service'), 2)} ms/answer  "
+        f"busy {_fmt((f.machine_busy or 0) * 100, 0)}% "
+        f"(other {_fmt((f.other_load or 0) * 100, 0)}%)  new conns {f.new_db_connections}  "
+        f"workers {_split(f)}"
+    )
+
+
+def _figures_tables(measured) -> list[str]:
+    lines = [
+        "| scenario | app | upstream ms | clients | answers/s | p50 ms | p99 ms "
+        "| overhead p50 / p99 ms | own p50 / p99 ms | quota p50 / p99 ms "
+        "| save p50 / p99 ms | errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for m in measured.values():
+        f = m.figures
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(f.errors.items())) or "0"
+        lines.append(
+            f"| {f.name} | {f.app} | {f.upstream_ms:.0f} | {f.clients} | {f.answers_per_s:.1f} "
+            f"| {_fmt(f.p50)} | {_fmt(f.p99)} | {_pair(f.overhead_p50, f.overhead_p99)} "
+            f"| {_pair(f.own_p50, f.own_p99)} "
+            f"| {_pair(f.phases_p50.get('quota'), f.phases_p99.get('quota'))} "
+            f"| {_pair(f.phases_p50.get('save'), f.phases_p99.get('save'))} | {errors} |"
+        )
+    lines += [
+        "",
+        "| scenario | answers | window s | gunicorn CPU ms/answer | PostgreSQL CPU ms/answer "
+        "| fake LLM CPU ms/answer | load generator CPU ms/answer | machine busy "
+        "| other load | new DB connections | worker CPU split % | worker RSS MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for m in measured.values():
+        f = m.figures
+        cpu = f.cpu_ms_per_answer
+        rss = ", ".join(f"{value:.0f}" for value in f.worker_rss_mib)
+        lines.append(
+            f"| {f.name} | {f.answers} | {f.window_s:.1f} | {_fmt(cpu.get('service'), 2)} "
+            f"| {_fmt(cpu.get('postgres'), 2)} | {_fmt(cpu.get('fake_llm'), 2)} "
+            f"| {_fmt(cpu.get('loadgen'), 2)} | {_fmt((f.machine_busy or 0) * 100, 0)}% "
+            f"| {_fmt((f.other_load or 0) * 100, 0)}% | {_fmt(f.new_db_connections, 0)} "
+            f"| {_split(f)} | {rss} |"
+        )
+    return lines
+
+
+def _ratio(measured, service: str, forward: str):
+    if service in measured and forward in measured:
+        floor = measured[forward].figures.answers_per_s
+        return measured[service].figures.answers_per_s / floor if floor else None
+    return None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**met**" if ok else "**NOT met**")
+
+
+def leak_growth(m) -> list[float] | None:
+    points = dict(m.rss_points)
+    if "middle" not in points or "end" not in points:
+        return None
+    return [end - middle for middle, end in zip(points["middle"], points["end"], strict=False)]
+
+
+def target_lines(measured) -> list[str]:
+    """One line per target of the issue: met / NOT met, with the numbers."""
+    get = measured.get
+    lines = []
+    f = get("slow-50") and get("slow-50").figures
+    ok = None if not f else (f.answers_per_s >= 90 and (f.p99 or 1e9) <= 650
+                             and f.error_count == 0)
+    lines.append(
+        f"- upstream 500 ms, 50 clients: >= 90 answers/s, p99 <= 650 ms, zero errors — "
+        f"{_verdict(ok)}"
+        + (f" ({f.answers_per_s:.1f} answers/s, p99 {_fmt(f.p99)} ms, "
+           f"{f.error_count} errors)" if f else "")
+    )
+    f = get("slow-200") and get("slow-200").figures
+    ratio = _ratio(measured, "slow-200", "fwd-slow-200")
+    ok = None if not f or ratio is None else (f.error_count == 0 and ratio >= 0.8)
+    lines.append(
+        f"- upstream 500 ms, 200 clients: zero errors, >= 0.8x forward-only — {_verdict(ok)}"
+        + (f" ({f.error_count} errors, {f.answers_per_s:.1f} vs "
+           f"{get('fwd-slow-200').figures.answers_per_s:.1f} answers/s = {ratio:.2f}x)"
+           if ok is not None else "")
+    )
+    ratio = _ratio(measured, "fast-50", "fwd-fast-50")
+    ok = None if ratio is None else ratio >= 0.6
+    lines.append(
+        f"- upstream 0 ms, 50 clients (CPU-bound): >= 0.6x forward-only — {_verdict(ok)}"
+        + (f" ({get('fast-50').figures.answers_per_s:.1f} vs "
+           f"{get('fwd-fast-50').figures.answers_per_s:.1f} answers/s = {ratio:.2f}x)"
+           if ok is not None else "")
+    )
+    f = get("slow-20") and get("slow-20").figures
+    ok = None if not f or f.overhead_p50 is None else f.overhead_p50 <= 5
+    lines.append(
+        f"- service overhead p50 <= 5 ms at 20 clients — {_verdict(ok)}"
+        + (f" (client latency − upstream call p50 = {_fmt(f.overhead_p50)} ms; "
+           f"Server-Timing total − llm p50 = {_fmt(f.own_p50)} ms)" if ok is not None else "")
+    )
+    quota = f and f.phases_p99.get("quota")
+    save = f and f.phases_p99.get("save")
+    ok = None if quota is None or save is None else (quota <= 2 and save <= 2)
+    lines.append(
+        f"- quota reservation and save <= 2 ms p99 each (Server-Timing, 20 clients) — "
+        f"{_verdict(ok)}" + (f" (quota {_fmt(quota)} ms, save {_fmt(save)} ms)"
+                             if ok is not None else "")
+    )
+    leak = get("leak")
+    growth = leak and leak_growth(leak)
+    ok = None if not growth else all(value <= LEAK_TOLERANCE_MIB for value in growth)
+    lines.append(
+        f"- no leak: worker RSS flat over the leak run (<= {LEAK_TOLERANCE_MIB:.0f} MiB growth "
+        f"from its middle to its end) — {_verdict(ok)}"
+        + (f" ({leak.figures.extra.get('requests')} requests; growth "
+           f"{', '.join(f'{g:+.1f}' for g in growth)} MiB per worker)" if ok is not None else "")
+    )
+    return lines
+
+
+def targets_block(measured) -> str:
+    return "\n".join(["Targets:", *target_lines(measured)])
+
+
+def sweep_table(rows, elapsed: float) -> str:
+    """One line per (settings, scenario) of a sizing sweep."""
+    lines = [
+        "# Sizing sweep",
+        "",
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {_machine()}; {elapsed:.0f} s.",
+        "",
+        "| settings | scenario | answers/s | p50 ms | p99 ms | own p50 / p99 ms "
+        "| quota p99 ms | save p99 ms | errors | gunicorn CPU ms/answer | new DB connections "
+        "| other load | worker CPU split % | worker RSS MiB |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for config, name, f in rows:
+        lines.append(
+            f"| `{config}` | {name} | {f.answers_per_s:.1f} | {_fmt(f.p50)} | {_fmt(f.p99)} "
+            f"| {_pair(f.own_p50, f.own_p99)} | {_fmt(f.phases_p99.get('quota'))} "
+            f"| {_fmt(f.phases_p99.get('save'))} | {f.error_count} "
+            f"| {_fmt(f.cpu_ms_per_answer.get('service'), 2)} | {_fmt(f.new_db_connections, 0)} "
+            f"| {_fmt((f.other_load or 0) * 100, 0)}% | {_split(f)} "
+            f"| {', '.join(f'{v:.0f}' for v in f.worker_rss_mib)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _comparisons(measured) -> list[str]:
+    lines = [
+        "| service | forward-only | answers/s | ratio | gunicorn CPU ms/answer | CPU ratio |",
+        "|---|---|--:|--:|--:|--:|",
+    ]
+    for service, forward in PAIRS:
+        if service in measured and forward in measured:
+            s, f = measured[service].figures, measured[forward].figures
+            cs, cf = s.cpu_ms_per_answer.get("service"), f.cpu_ms_per_answer.get("service")
+            lines.append(
+                f"| {service} | {forward} | {s.answers_per_s:.1f} / {f.answers_per_s:.1f} "
+                f"| {_fmt(_ratio(measured, service, forward), 2)} | {_pair(cs, cf, 2)} "
+                f"| {_fmt(cs / cf if cs and cf else None, 2)} |"
+            )
+    if "fast-50" in measured and "fast-50-info" in measured:
+        plain, info = measured["fast-50"].figures, measured["fast-50-info"].figures
+        cp, ci = plain.cpu_ms_per_answer.get("service"), info.cpu_ms_per_answer.get("service")
+        lines += [
+            "",
+            f"Cost of the per-request log line (LOG_LEVEL=INFO vs WARNING, upstream 0 ms, "
+            f"50 clients): {info.answers_per_s:.1f} vs {plain.answers_per_s:.1f} answers/s "
+            f"({(info.answers_per_s / plain.answers_per_s - 1) * 100:+.0f}%), "
+            f"gunicorn CPU {_fmt(ci, 2)} vs {_fmt(cp, 2)} ms/answer"
+            + (f" ({ci - cp:+.2f} ms)." if ci and cp else "."),
+        ]
+    return lines
+
+
+def _leak(measured) -> list[str]:
+    leak = measured.get("leak")
+    if not leak:
+        return ["Not run."]
+    lines = ["| point | " + " | ".join(f"worker {i + 1} RSS MiB"
+                                      for i in range(len(leak.rss_points[0][1]))) + " |",
+             "|---|" + "--:|" * len(leak.rss_points[0][1])]
+    for name, values in leak.rss_points:
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    f = leak.figures
+    lines += ["", f"{f.extra.get('requests')} requests at upstream 0 ms, {f.clients} clients, "
+              f"{f.answers_per_s:.1f} answers/s, {f.error_count} errors. 'start' is taken after "
+              f"the warm-up, 'middle' after half of the requests."]
+    return lines
+
+
+def _profile(profile) -> list[str]:
+    if profile is None:
+        return ["Not run (--no-profile or a partial run)."]
+    if isinstance(profile, str):
+        return [profile]
+    total = profile.samples or 1
+    lines = [
+        f"py-spy (`record --gil --nonblocking --subprocesses`, 200 Hz) on the master and both "
+        f"workers for the profile run (upstream 0 ms, 50 clients): {profile.samples} samples "
+        f"of a thread holding the GIL, i.e. of CPU spent in Python. Shares are of those samples.",
+        "",
+        "Leaf frame by library (self time):",
+        "",
+        "| library | share |",
+        "|---|--:|",
+    ]
+    lines += [f"| {name} | {count / total:.0%} |" for name, count in
+              profile.by_category.most_common()]
+    lines += ["", "Inclusive time of the steps of one send:", "", "| step | function | share |",
+              "|---|---|--:|"]
+    watched = sorted(profile.watched.items(), key=lambda item: -item[1][1])
+    lines += [f"| {label} | `{func}` | {count / total:.0%} |" for label, (func, count) in watched]
+    lines += ["", "Top functions by self time:", "", "| function | share |", "|---|--:|"]
+    lines += [f"| `{name}` | {count / total:.1%} |" for name, count in
+              profile.self_time.most_common(15)]
+    return lines
+
+
+def render(measured, profile, settings_, elapsed: float, quick: bool, failures=None,
+           costs=None) -> str:
+    gunicorn = settings_["gunicorn"]
+    engine = settings_["engine"]
+    overrides = settings_["overrides"]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `make bench` (`python -m bench.run`); the analysis at the end is "
+        "written by hand. Compare figures within one run only: the load generator, "
+        "PostgreSQL and the fake LLM share the two cores with the service.",
+        "",
+        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole run {elapsed:.0f} s"
+        + (" (**--quick: smoke figures, not for comparison**)" if quick else ""),
+        f"- Machine: {_machine()}; CPU calibration (1M-step Python loop, best of 5) "
+        + " ms at the start, ".join(f"{ms:.1f}" for ms in settings_.get("calibration_ms", []))
+        + " ms at the end",
+        f"- Service: gunicorn {gunicorn.get('worker_class')}, {gunicorn.get('workers')} workers "
+        f"x {gunicorn.get('threads')} threads, timeout {gunicorn.get('timeout')} s, "
+        f"keepalive {gunicorn.get('keepalive')} s; SQLAlchemy pool {engine['pool_size']} + "
+        f"overflow {engine['max_overflow']} per worker, pool_timeout {engine['pool_timeout']} s; "
+        "LOG_LEVEL=WARNING unless the scenario says INFO; DAILY_LIMIT high, a fresh "
+        "telegram_id per request (new user: the context read finds nothing)",
+        "- Forward-only app: `bench/forward_app.py`, same gunicorn.conf.py and settings, same "
+        "`openai` client settings; no Flask, validation, database, logging or metrics",
+        "- Load: closed loop, C clients with one keep-alive connection each "
+        "(`bench/loadgen.py`, asyncio); the window starts after a warm-up",
+        "- Environment overrides: "
+        + (", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "none"),
+        "",
+        "overhead = client latency − the upstream call as the app timed it (Server-Timing "
+        "`llm`, which both apps send): gunicorn, the app's own work and the loopback hops; "
+        "own = Server-Timing `total − llm` (the service's work outside the LLM call); quota and "
+        "save are the service's Server-Timing phases. CPU per answer = CPU seconds of the "
+        "process group in the window / answers.",
+        "",
+        "## Figures",
+        "",
+        *[f"**Not run: the server for {names} did not start:**\n\n```\n{error}\n```\n"
+          for names, error in (failures or {}).items()],
+        *_figures_tables(measured),
+        "",
+        "## Service against the forward-only floor",
+        "",
+        *_comparisons(measured),
+        "",
+        "## Targets",
+        "",
+        *target_lines(measured),
+        "- at most 3 database statements per answered send, 1 per 429 — asserted by "
+        "`tests/test_round_trips.py` (counts statements, not times)",
+        "",
+        "## Leak run",
+        "",
+        *_leak(measured),
+        "",
+        "## Profile of a send under load",
+        "",
+        *_profile(profile),
+        "",
+        "## Single-thread cost of one send and of its database work",
+        "",
+        "`bench/whatif.py`: in-process, one thread, CPU of this process only (the fake LLM "
+        "runs elsewhere), fastest of 5 interleaved batches. No GIL contention, so this is "
+        "the floor of the service's own work; the \"proposed\" rows are statements the "
+        "service does not run, timed to put a number on the recommendations below.",
+        "",
+        *(whatif.table(costs) if costs else ["Not run."]),
+        "",
+        ANALYSIS,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Hand-written: what the figures above mean and what to change. Review after a
+# change to the service, gunicorn.conf.py or the pool defaults.
+ANALYSIS = """\
+## Analysis and sizing rule (hand-written, 2026-11-25; the figures above are regenerated)
+
+**Read the figures with care.** The two vCPUs are shared with PostgreSQL, the fake LLM, the
+load generator and, on a developer's machine, whatever else runs there ("other load"; it also
+counts PostgreSQL backends that exited inside the window, i.e. pool churn). Over a dozen runs
+on 2026-11-25 the same scenario moved a lot from run to run: slow-200 180-306 answers/s
+(gunicorn CPU 3.9-6.4 ms per answer), fast-50 211-363, fwd-slow-200 318-394. Compare the
+service with the forward-only floor of the same run, and settings only inside one
+`--sweep` run. The CPU calibration line at the top shows it: it moved by ~20 % within
+single runs.
+
+**Targets not met, and why.**
+
+- *200 clients, >= 0.8x forward-only*: 0.64-0.86x over the runs (borderline). At 200
+  clients the service is bound by CPU and the GIL: about 4-6 ms of gunicorn CPU per answer
+  against about 2 ms for the floor. Single-threaded the service's own work is only
+  ~1.5 ms (table above: ~2.5-3.0 ms per send against ~1.0 ms for the floor); under load
+  it doubles, because every database round trip gives the GIL away and must win it back
+  (7 network round trips per answered send: 3 statements + BEGIN and COMMIT of 2
+  transactions), and because the default pool churns connections (below).
+- *0 ms upstream, >= 0.6x forward-only*: 0.29-0.42x. No setting closes this: the floor
+  spends ~1 ms of CPU per answer, the service ~2.5-3 ms single-threaded. Even all the
+  database changes below (-0.5 ms) leave about 0.5x; 0.6x also needs the per-request
+  framework cost to shrink (Flask + flask-smorest + ORM session ~0.9 ms).
+- *overhead p50 <= 5 ms at 20 clients*: the service's own time (Server-Timing total - llm)
+  is 4.7-7 ms p50, the client-side overhead (adds gunicorn and the loopback hop) 7-10 ms,
+  against ~1 ms for the floor: borderline at best. Single-threaded a send spends ~1.3 ms waiting on
+  PostgreSQL (7 round trips) and ~1.5 ms of CPU; the rest is GIL waiting behind
+  threads that parse LLM answers.
+- *quota and save <= 2 ms p99*: p50 is ~1 / ~2 ms, p99 5-10 ms at 20 clients. The tail
+  is GIL waits after each round trip (the switch interval is 5 ms); measured with
+  `BENCH_SWITCH_INTERVAL=0.001` (bench/hooks/sitecustomize.py): no better, fewer
+  answers/s at 200 clients, so fewer round trips is the lever, not the interval.
+
+**Recommendations** (code changes are hypotheses backed by the profile and the
+single-thread table; settings were measured with `--set` / `--sweep`):
+
+1. *Pool size* - app/config.py `load_config`: `DB_POOL_SIZE` defaults to
+   `min(threads, 10)`. SQLAlchemy closes an overflow connection when it is returned to a
+   full pool, so with 100 threads per worker the 10 + 10 pool opens and closes
+   PostgreSQL connections all the time: 37-116 new connections per 10 s at 200 clients,
+   258-360 at 0 ms, 706-1700 in the 20k leak run. Default to `max(10, threads // 5)` (20 for
+   100 threads), overflow 10. Sweep on a quiet machine, 10+10 -> 20+10: new connections
+   61 -> 0 (slow-200) and 286 -> 19 (fast-50), slow-200 229 -> 247 answers/s, quota/save
+   p99 at 200 clients 55/132 -> 25/37 ms, gunicorn CPU 6.0 -> 5.3 ms per answer.
+2. *Threads* - gunicorn.conf.py `threads`: 2 x 100 = 200 threads exactly fit 200 clients
+   only if keep-alive connections split evenly between workers; they stick to the worker
+   that accepted them and splits of 61/39 were seen, so some requests wait for a thread
+   (fwd-slow-200: 318 answers/s with a 61/39 split, 355-394 otherwise). Default 150
+   (idle threads cost no CPU; ThreadPoolExecutor starts them on demand) and size by the
+   rule below. 150 did not make the service itself faster at 200 clients: it is
+   CPU-bound there.
+3. *Round trips* - app/chat/service.py `_reserve_and_read_context` + `recent_exchanges`
+   and app/chat/quota.py `_RESERVE`: one statement (the upsert as a CTE, joined
+   LATERAL to the last CONTEXT_MESSAGES rows) on an autocommit connection instead of
+   BEGIN, INSERT, SELECT, COMMIT. Single thread: 0.36 -> 0.10 ms CPU, 0.74 -> 0.41 ms
+   wall, 4 -> 1 round trips. Still atomic (one statement); a 429 stays one statement.
+4. *Save* - app/chat/service.py `_save` / `_with_write_retries`: one INSERT on an
+   autocommit connection instead of ORM `add` + unit of work + commit (the profile
+   shows `_save_obj`, `_postfetch`, session snapshot work): 0.30 -> 0.07 ms CPU,
+   0.55 -> 0.24 ms wall, 3 -> 1 round trips. Keep the ORM path for the idempotent
+   send (it needs the row id).
+   With 3 and 4 an answered send is 2 round trips instead of 7, and the quota/save
+   phases lose the waits that make their p99.
+5. *Leave alone*: the 11 Prometheus updates of a send cost ~0.025 ms; the JSON log
+   line at INFO ~0.02-0.2 ms single-threaded (the fast-50-info line above shows its
+   cost under load, which varied with the run); `sys.setswitchinterval` (above); more
+   workers (3 x 70 gave mixed results and +100 MiB each). The openai SDK costs ~1 ms
+   of CPU per call (`_transform_recursive` of the message TypedDicts is ~0.3 ms) but the
+   floor pays it too, so it does not move the ratios.
+
+**Sizing rule** (proposed defaults: 2 workers x 150 threads, pool 30 + 10):
+
+- *workers* = cores (2 on the target box). A worker is one GIL: more workers than cores
+  only add ~100 MiB RSS each and contention.
+- *threads per worker* >= 1.5 x in-flight sends per worker, where in-flight = answers/s x
+  LLM latency (Little's law): 200 in flight at 400/s x 0.5 s -> 2 x 150. The 1.5 covers
+  the uneven split of keep-alive connections between workers.
+- *DB pool per worker*: `pool_size` ~ threads / 5 (measured: enough to stop the churn at
+  100 threads), `max_overflow` 10, and instances x workers x (pool_size + max_overflow)
+  <= PostgreSQL `max_connections` - 10 (100 here: 2 x (30 + 10) = 80 for one instance;
+  two instances would have to go below threads / 5 and churn again: raise
+  `max_connections` for them instead of shrinking the pool).
+- *timeouts*: unchanged. `pool_timeout` 5 s was never reached (no 503 in any run, also
+  with the 10 + 10 pool at 200 clients); worker `timeout` = LLM_DEADLINE + 15 s,
+  `graceful_timeout` = LLM_DEADLINE + 5 s, `keepalive` 5 s.
+- *memory*: ~100-115 MiB RSS per worker under load, flat over 20k sends (leak run).
+"""

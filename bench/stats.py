@@ -1,0 +1,106 @@
+"""Figures of one scenario from its raw samples and CPU snapshots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.loadgen import LoadResult
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """Nearest-rank percentile (``share`` in 0..1); None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(share * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def parse_server_timing(raw: bytes) -> dict[str, float]:
+    """``b"quota;dur=0.4, llm;dur=501.2"`` → ``{"quota": 0.4, "llm": 501.2}`` (ms)."""
+    timings = {}
+    for part in raw.decode("ascii", "replace").split(","):
+        name, _, rest = part.strip().partition(";")
+        for parameter in rest.split(";"):
+            key, _, value = parameter.strip().partition("=")
+            if key == "dur":
+                try:
+                    timings[name] = float(value)
+                except ValueError:
+                    pass
+    return timings
+
+
+@dataclass
+class Figures:
+    """What the report shows for one scenario (times in ms, CPU in ms per answer)."""
+
+    name: str
+    app: str
+    upstream_ms: float
+    clients: int
+    window_s: float
+    answers: int = 0
+    answers_per_s: float = 0.0
+    p50: float | None = None
+    p99: float | None = None
+    overhead_p50: float | None = None
+    overhead_p99: float | None = None
+    own_p50: float | None = None
+    own_p99: float | None = None
+    phases_p50: dict[str, float | None] = field(default_factory=dict)
+    phases_p99: dict[str, float | None] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    cpu_ms_per_answer: dict[str, float | None] = field(default_factory=dict)
+    machine_busy: float | None = None
+    other_load: float | None = None
+    new_db_connections: int | None = None
+    worker_cpu_split: list[float] = field(default_factory=list)
+    worker_rss_mib: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def summarise(
+    figures: Figures, result: LoadResult, window: tuple[float, float], cpu: dict[str, float]
+) -> Figures:
+    """Fill ``figures`` from the answers completed inside ``window`` (perf_counter)."""
+    start, end = window
+    inside = [s for s in result.samples if start <= s.started + s.latency <= end]
+    answered = [s for s in inside if s.status == 200]
+    latencies = [s.latency * 1000 for s in answered]
+    figures.answers = len(answered)
+    figures.answers_per_s = len(answered) / (end - start)
+    figures.p50 = percentile(latencies, 0.50)
+    figures.p99 = percentile(latencies, 0.99)
+    parsed = [(s, parse_server_timing(s.server_timing) if s.server_timing else {})
+              for s in answered]
+    timings = [t for _, t in parsed if t]
+    # Overhead: what the client waited beyond the upstream call as the app itself
+    # timed it (Server-Timing llm), so the fake LLM's own slowness is not counted.
+    overheads = [s.latency * 1000 - t.get("llm", figures.upstream_ms) for s, t in parsed]
+    figures.overhead_p50 = percentile(overheads, 0.50)
+    figures.overhead_p99 = percentile(overheads, 0.99)
+    if timings:
+        own = [t["total"] - t.get("llm", 0.0) for t in timings if "total" in t]
+        figures.own_p50 = percentile(own, 0.50)
+        figures.own_p99 = percentile(own, 0.99)
+        for phase in ("quota", "context", "llm", "save", "total"):
+            values = [t[phase] for t in timings if phase in t]
+            figures.phases_p50[phase] = percentile(values, 0.50)
+            figures.phases_p99[phase] = percentile(values, 0.99)
+    figures.errors = dict(result.errors)
+    for group in ("service", "postgres", "fake_llm", "loadgen"):
+        if group in cpu:
+            figures.cpu_ms_per_answer[group] = (
+                cpu[group] * 1000 / figures.answers if figures.answers else None
+            )
+    workers = [value for name, value in sorted(cpu.items()) if name.startswith("worker:")]
+    if sum(workers) > 0:
+        figures.worker_cpu_split = [value / sum(workers) for value in workers]
+    figures.machine_busy = cpu.get("machine_busy_share")
+    figures.other_load = cpu.get("other_share")
+    return figures

@@ -1,0 +1,263 @@
+"""Single-thread CPU of one send and of its database work: what the service does
+today against what a leaner hot path would cost (``python -m bench.whatif``;
+`make bench` runs it too and puts the table in RESULTS.md).
+
+One thread, in-process, CPU time of this process only (time.process_time): no
+GIL contention and hardly any effect of other load on the machine, so small
+differences are visible. The fake LLM runs in its own process and does not
+count. The "proposed" rows are SQL the service does not run (yet); they exist
+to put a number on the recommendations in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import text
+
+LEVELS = ("WARNING", "INFO")
+MESSAGE = "Как поднять карточку товара в поиске Wildberries?"
+ANSWER = "Ответ: " + MESSAGE
+
+# Proposed: the reservation and the context read in one statement. The reserve
+# part is the service's own statement (app/chat/quota.py), wrapped in a CTE.
+_CONTEXT_JOIN = """
+SELECT r.request_count, c.message, c.response
+FROM reserved AS r
+LEFT JOIN LATERAL (
+    SELECT message, response, id FROM ai_chat_requests
+    WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :count
+) AS c ON true
+ORDER BY c.id
+"""
+@dataclass
+class Cost:
+    label: str
+    cpu_ms: float | None
+    wall_ms: float | None
+    note: str = ""
+
+
+def _compare(candidates: list[tuple[str, object, str]], iterations: int, rounds: int = 5):
+    """Time the candidates in interleaved batches; keep each one's fastest batch.
+
+    Other work on the machine only ever adds time, so the fastest of several
+    interleaved batches is the figure least disturbed by it.
+    """
+    best: dict[str, tuple[float, float]] = {}
+    failed: dict[str, str] = {}
+    batch = max(1, iterations // rounds)
+    for label, action, _ in candidates:  # warm-up: connections, caches, compiled SQL
+        try:
+            for _ in range(max(10, batch // 5)):
+                action()
+        except Exception as error:  # the service changed shape: say so, keep the rest
+            failed[label] = f"failed: {type(error).__name__}: {error}"[:200]
+    for _ in range(rounds):
+        for label, action, _ in candidates:
+            if label in failed:
+                continue
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(batch):
+                action()
+            figures = ((time.process_time() - cpu) / batch * 1000,
+                       (time.perf_counter() - wall) / batch * 1000)
+            if label not in best or figures[0] < best[label][0]:
+                best[label] = figures
+    return [
+        Cost(label, *best[label], note) if label in best else Cost(label, None, None,
+                                                                     failed[label])
+        for label, _, note in candidates
+    ]
+
+
+def _env(database_url: str, llm_url: str, log_level: str) -> dict:
+    return {
+        "API_SECRET_KEY": "bench-key", "DATABASE_URL": database_url, "OPENAI_BASE_URL": llm_url,
+        "OPENAI_API_KEY": "", "DAILY_LIMIT": "1000000", "USER_CONTEXT_URL": "",
+        "LOG_LEVEL": log_level,
+    }
+
+
+def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
+    from werkzeug.test import Client
+
+    from app import create_app
+
+    ids = itertools.count(1)
+    candidates = []
+    for level in LEVELS:
+        client = create_app(_env(database_url, llm_url, level)).test_client()
+
+        def send(client=client):
+            body = json.dumps({"telegram_id": next(ids), "message": MESSAGE})
+            response = client.post("/v1/chat/send", data=body,
+                                   headers={"X-API-KEY": "bench-key"})
+            if response.status_code != 200:
+                raise RuntimeError(f"send answered {response.status_code}")
+
+        candidates.append((f"one send through Flask, LOG_LEVEL={level}", send,
+                           "new user; includes the openai SDK call"))
+
+    os.environ["OPENAI_BASE_URL"] = llm_url
+    from bench import forward_app
+
+    forward = Client(forward_app.app)
+
+    def forward_send():
+        body = json.dumps({"telegram_id": next(ids), "message": MESSAGE})
+        if forward.post("/v1/chat/send", data=body).status_code != 200:
+            raise RuntimeError("forward app failed")
+
+    candidates.append(("one send through the forward-only app", forward_send,
+                       "the floor: JSON in, openai SDK call, JSON out"))
+
+    def health():
+        if client.get("/health").status_code != 200:
+            raise RuntimeError("health failed")
+
+    candidates.append(("GET /health through Flask", health,
+                       "framework + request hooks (id, metrics, log), no I/O"))
+
+    from app import metrics
+
+    def metric_updates():
+        # What one answered send records (app/metrics.py, app/llm.py, service).
+        metrics.HTTP_REQUESTS.labels("/v1/chat/send", "POST", "200").inc()
+        metrics.HTTP_DURATION.labels("/v1/chat/send", "POST").observe(0.5)
+        for phase in ("quota", "context", "llm", "save", "total"):
+            metrics.PHASE_DURATION.labels(phase).observe(0.001)
+        metrics.LLM_REQUESTS.labels("ok").inc()
+        metrics.LLM_DURATION.observe(0.5)
+        metrics.LLM_TOKENS.inc(100)
+        metrics.QUOTA_RESERVATIONS.inc()
+
+    candidates.append(("the 11 metric updates of one send", metric_updates,
+                       "prometheus_client multiprocess mode (mmap files), as under gunicorn"))
+    # The root logger's level is global: the last app built set it. Each send
+    # sets it to its own app's level around the call (logs.configure_logging
+    # runs only at build time, so do it here the same way).
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return _compare([(label, _with_level(label, action), note)
+                         for label, action, note in candidates], iterations)
+
+
+def _with_level(label: str, action):
+    """Run ``action`` with the root logger at the label's LOG_LEVEL.
+
+    The level is process-global and every ``create_app`` sets it, so the apps
+    measured side by side set it back before each send.
+    """
+    import logging
+
+    level = label.rsplit("=", 1)[1] if "LOG_LEVEL=" in label else "WARNING"
+
+    def run():
+        logging.getLogger().setLevel(level)
+        action()
+
+    return run
+
+
+def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
+    from app import create_app
+    from app.chat import quota, service
+    from app.chat.quota import Day
+    from app.extensions import db
+    from app.llm import Completion
+
+    app = create_app(_env(database_url, llm_url, "WARNING"))
+    ids = itertools.count(10_000_000)
+    with app.app_context():
+        day = Day(now=datetime.now(UTC), timezone=app.config["TIMEZONE"])
+        context_count = app.config["CONTEXT_MESSAGES"]
+        autocommit = db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+        def reserve_and_context_now():
+            telegram_id = next(ids)
+            quota.reserve_quota(telegram_id, day, 0)
+            service.recent_exchanges(telegram_id, context_count)
+            db.session.commit()
+
+        completion = Completion(text=ANSWER, tokens=100, attempts=1)
+
+        def save_now():
+            command = service.SendCommand(telegram_id=next(ids), message=MESSAGE)
+            service._save(command, completion, day, None)
+            db.session.commit()
+
+        # Built on the service's own reserve statement, so it follows changes there.
+        combined = text(f"WITH reserved AS ({quota._RESERVE.text}) {_CONTEXT_JOIN}")
+        combined = combined.bindparams(*quota._DATE_PARAMS)
+
+        def reserve_and_context_proposed():
+            autocommit.execute(combined, {
+                "telegram_id": next(ids), "today": day.today, "now": day.now,
+                "cap": quota.UNLIMITED_CAP, "count": context_count,
+            }).all()
+
+        try:
+            return _compare([
+                ("reserve + context read, as today", reserve_and_context_now,
+                 "autocommit session: INSERT … ON CONFLICT, SELECT = 2 round trips"),
+                ("reserve + context read, proposed", reserve_and_context_proposed,
+                 "one CTE statement (PostgreSQL only) = 1 round trip"),
+                ("save, as today", save_now,
+                 "one INSERT in autocommit mode = 1 round trip"),
+            ], iterations)
+        finally:
+            autocommit.close()
+            db.session.remove()
+            db.engine.dispose()
+
+
+def run(database_url: str, llm_url: str, iterations: int = 1000) -> list[Cost]:
+    # Metrics as under gunicorn: prometheus_client reads this at its first import.
+    owned = None
+    if "prometheus_client" not in sys.modules and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        owned = tempfile.mkdtemp(prefix="bench-whatif-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = owned
+    try:
+        return (_send_costs(database_url, llm_url, iterations)
+                + _database_costs(database_url, llm_url, iterations))
+    finally:
+        if owned:
+            shutil.rmtree(owned, ignore_errors=True)
+
+
+def table(costs: list[Cost]) -> list[str]:
+    lines = ["| what | CPU ms | wall ms | note |", "|---|--:|--:|---|"]
+    for cost in costs:
+        cpu = "–" if cost.cpu_ms is None else f"{cost.cpu_ms:.3f}"
+        wall = "–" if cost.wall_ms is None else f"{cost.wall_ms:.3f}"
+        lines.append(f"| {cost.label} | {cpu} | {wall} | {cost.note} |")
+    return lines
+
+
+def main() -> int:
+    from bench.servers import BenchDatabase, FakeLLMProcess
+
+    out = Path(__file__).resolve().parent / "out"
+    out.mkdir(exist_ok=True)
+    database = BenchDatabase()
+    try:
+        with FakeLLMProcess(0.0, out) as llm:
+            costs = run(database.url, llm.url)
+    finally:
+        database.drop()
+    print("\n".join(table(costs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
