@@ -55,7 +55,7 @@ WATCHED = (
     ("JsonObjectParser.load_json", "body JSON parse"),
     ("Parser.parse", "webargs parse + schema load (body and headers)"),
     ("require_api_key", "API-key check"),
-    ("send_message", "service.send_message"),
+    ("send_message", "send.send_message"),
     ("reserve_quota", "quota reservation (SQL)"),
     ("recent_exchanges", "context read (SQL)"),
     ("scoped_session.commit", "commits"),

@@ -442,7 +442,7 @@ single-thread table; settings were measured with `--set` / `--sweep`):
    (idle threads cost no CPU; ThreadPoolExecutor starts them on demand) and size by the
    rule below. 150 did not make the service itself faster at 200 clients: it is
    CPU-bound there.
-3. *Round trips* - app/chat/service.py `_reserve_and_read_context` + `recent_exchanges`
+3. *Round trips* - app/chat/service.py `_reserve` + `recent_exchanges`
    and app/chat/quota.py `_RESERVE`: one statement (the upsert as a CTE, joined
    LATERAL to the last CONTEXT_MESSAGES rows) on an autocommit connection instead of
    BEGIN, INSERT, SELECT, COMMIT. Single thread: 0.36 -> 0.10 ms CPU, 0.74 -> 0.41 ms

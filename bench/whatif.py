@@ -171,7 +171,7 @@ def _with_level(label: str, action):
 
 def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
     from app import create_app
-    from app.chat import quota, service
+    from app.chat import quota, send
     from app.chat.quota import Day
     from app.extensions import db
     from app.llm import Completion
@@ -186,14 +186,14 @@ def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Co
         def reserve_and_context_now():
             telegram_id = next(ids)
             quota.reserve_quota(telegram_id, day, 0)
-            service.recent_exchanges(telegram_id, context_count)
+            send.recent_exchanges(telegram_id, context_count)
             db.session.commit()
 
         completion = Completion(text=ANSWER, tokens=100, attempts=1)
 
         def save_now():
-            command = service.SendCommand(telegram_id=next(ids), message=MESSAGE)
-            service._save(command, completion, day, None)
+            command = send.SendCommand(telegram_id=next(ids), message=MESSAGE)
+            send._save(command, completion, day, None)
             db.session.commit()
 
         # Built on the service's own reserve statement, so it follows changes there.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask.views import MethodView
 
 from app.api import Blueprint, admin_required, require_api_key
-from app.chat import schemas, service
+from app.chat import schemas, send, service
 from app.errors import ErrorSchema, ValidationFailed
 
 blp = Blueprint(
@@ -71,10 +71,10 @@ class Send(MethodView):
             raise ValidationFailed(
                 errors={"request_id": ["Differs from the Idempotency-Key header."]}
             )
-        answer = service.send_message(
-            service.SendCommand(**{**body, "request_id": request_id or idempotency_key})
+        answer = send.send_message(
+            send.SendCommand(**{**body, "request_id": request_id or idempotency_key})
         )
-        headers = service.rate_limit_headers(answer.usage, answer.day)
+        headers = send.rate_limit_headers(answer.usage, answer.day)
         if answer.timings:
             headers["Server-Timing"] = server_timing(answer.timings)
         return answer.to_dict(), headers
