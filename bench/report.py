@@ -392,89 +392,60 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
 ANALYSIS = """\
 ## Analysis and sizing rule (hand-written, 2026-11-25; the figures above are regenerated)
 
-**Read the figures with care.** The two vCPUs are shared with PostgreSQL, the fake LLM, the
-load generator and, on a developer's machine, whatever else runs there ("other load"; it also
-counts PostgreSQL backends that exited inside the window, i.e. pool churn). Over a dozen runs
-on 2026-11-25 the same scenario moved a lot from run to run: slow-200 180-306 answers/s
-(gunicorn CPU 3.9-6.4 ms per answer), fast-50 211-363, fwd-slow-200 318-394. Compare the
-service with the forward-only floor of the same run, and settings only inside one
-`--sweep` run. The CPU calibration line at the top shows it: it moved by ~20 % within
-single runs.
+**Read the figures with care.** The two vCPUs are shared with PostgreSQL, the fake LLM and
+the load generator ("other load" counts the rest of the machine). The same scenario moves
+from run to run: on 2026-11-25, with the code as it is now, slow-200 gave 255-322 answers/s
+and fast-50 346-413. Compare the service with the forward-only floor of the same run, and
+settings only inside one `--sweep` run.
+
+**What was changed after the first measurements** (first run -> now, same scenarios):
+the engine runs in autocommit mode, so an answered send is 3 network round trips
+(reserve, context read, save) instead of 7 (each statement had a BEGIN and a COMMIT of
+its own); the context read and the save are prebuilt SQL instead of ORM statements built
+per call; the pool defaults to threads / 5 (30 + 10 per worker), which stopped the
+connection churn (hundreds of new PostgreSQL connections per 10 s at 0 ms upstream,
+now 0); threads default to 150 per worker. Effect: single-thread CPU of one send
+2.6 -> 2.0 ms, slow-200 210 -> 255-322 answers/s (0.53x -> 0.64-0.81x of the floor),
+fast-50 303 -> 346-413, own time at 20 clients 6.7 -> 3.5-4.0 ms p50.
 
 **Targets not met, and why.**
 
-- *200 clients, >= 0.8x forward-only*: 0.64-0.86x over the runs (borderline). At 200
-  clients the service is bound by CPU and the GIL: about 4-6 ms of gunicorn CPU per answer
-  against about 2 ms for the floor. Single-threaded the service's own work is only
-  ~1.5 ms (table above: ~2.5-3.0 ms per send against ~1.0 ms for the floor); under load
-  it doubles, because every database round trip gives the GIL away and must win it back
-  (7 network round trips per answered send: 3 statements + BEGIN and COMMIT of 2
-  transactions), and because the default pool churns connections (below).
-- *0 ms upstream, >= 0.6x forward-only*: 0.29-0.42x. No setting closes this: the floor
-  spends ~1 ms of CPU per answer, the service ~2.5-3 ms single-threaded. Even all the
-  database changes below (-0.5 ms) leave about 0.5x; 0.6x also needs the per-request
-  framework cost to shrink (Flask + flask-smorest + ORM session ~0.9 ms).
-- *overhead p50 <= 5 ms at 20 clients*: the service's own time (Server-Timing total - llm)
-  is 4.7-7 ms p50, the client-side overhead (adds gunicorn and the loopback hop) 7-10 ms,
-  against ~1 ms for the floor: borderline at best. Single-threaded a send spends ~1.3 ms waiting on
-  PostgreSQL (7 round trips) and ~1.5 ms of CPU; the rest is GIL waiting behind
-  threads that parse LLM answers.
-- *quota and save <= 2 ms p99*: p50 is ~1 / ~2 ms, p99 5-10 ms at 20 clients. The tail
-  is GIL waits after each round trip (the switch interval is 5 ms); measured with
-  `BENCH_SWITCH_INTERVAL=0.001` (bench/hooks/sitecustomize.py): no better, fewer
-  answers/s at 200 clients, so fewer round trips is the lever, not the interval.
+- *200 clients, >= 0.8x forward-only*: 0.64-0.81x over the runs (borderline). At 200
+  clients both workers are CPU/GIL-bound: ~4 ms of gunicorn CPU per answer against
+  ~2 ms for the floor. With `WEB_CONCURRENCY=4 GUNICORN_THREADS=75` one sweep reached
+  364 answers/s (0.92x): more GILs on the same two cores, at ~100 MiB per extra worker
+  and a worse quota/save p99; the default stays at one worker per core.
+- *0 ms upstream, >= 0.6x forward-only*: 0.29-0.38x. The floor spends ~1 ms of CPU per
+  answer (JSON in, openai SDK, JSON out); the service ~2 ms single-threaded, ~3.3-4 ms
+  under load: Flask + flask-smorest + marshmallow (~0.3 ms), the SQLAlchemy session and
+  execution machinery for 3 statements (~0.35 ms), the Server-Timing, metrics and log
+  hooks (~0.1 ms), and GIL hand-offs after each round trip. 0.6x would need roughly
+  halving that, e.g. dropping the ORM session for raw driver calls - not worth the
+  loss of the stack's conventions for a case (an LLM answering in 0 ms) that does not
+  exist in production.
+- *overhead p50 <= 5 ms at 20 clients*: the service's own time (Server-Timing
+  total - llm) is 3.5-4.0 ms p50 (met); measured from the client, which adds gunicorn's
+  accept/parse and the loopback hop, 5.2-6.2 ms (borderline).
+- *quota and save <= 2 ms p99*: p50 is ~1 / ~1.7 ms; p99 5-8 ms at 20 clients. The
+  tail is waiting for the GIL after the round trip while other threads parse LLM
+  answers (the switch interval is 5 ms; `BENCH_SWITCH_INTERVAL=0.001` via
+  bench/hooks/sitecustomize.py was no better). A single CTE for reserve + context
+  (PostgreSQL only, the "proposed" row above) would save one more round trip.
 
-**Recommendations** (code changes are hypotheses backed by the profile and the
-single-thread table; settings were measured with `--set` / `--sweep`):
+**Sizing rule** (defaults: 2 workers x 150 threads, pool 30 + 10 per worker):
 
-1. *Pool size* - app/config.py `load_config`: `DB_POOL_SIZE` defaults to
-   `min(threads, 10)`. SQLAlchemy closes an overflow connection when it is returned to a
-   full pool, so with 100 threads per worker the 10 + 10 pool opens and closes
-   PostgreSQL connections all the time: 37-116 new connections per 10 s at 200 clients,
-   258-360 at 0 ms, 706-1700 in the 20k leak run. Default to `max(10, threads // 5)` (20 for
-   100 threads), overflow 10. Sweep on a quiet machine, 10+10 -> 20+10: new connections
-   61 -> 0 (slow-200) and 286 -> 19 (fast-50), slow-200 229 -> 247 answers/s, quota/save
-   p99 at 200 clients 55/132 -> 25/37 ms, gunicorn CPU 6.0 -> 5.3 ms per answer.
-2. *Threads* - gunicorn.conf.py `threads`: 2 x 100 = 200 threads exactly fit 200 clients
-   only if keep-alive connections split evenly between workers; they stick to the worker
-   that accepted them and splits of 61/39 were seen, so some requests wait for a thread
-   (fwd-slow-200: 318 answers/s with a 61/39 split, 355-394 otherwise). Default 150
-   (idle threads cost no CPU; ThreadPoolExecutor starts them on demand) and size by the
-   rule below. 150 did not make the service itself faster at 200 clients: it is
-   CPU-bound there.
-3. *Round trips* - app/chat/service.py `_reserve` + `recent_exchanges`
-   and app/chat/quota.py `_RESERVE`: one statement (the upsert as a CTE, joined
-   LATERAL to the last CONTEXT_MESSAGES rows) on an autocommit connection instead of
-   BEGIN, INSERT, SELECT, COMMIT. Single thread: 0.36 -> 0.10 ms CPU, 0.74 -> 0.41 ms
-   wall, 4 -> 1 round trips. Still atomic (one statement); a 429 stays one statement.
-4. *Save* - app/chat/service.py `_save` / `_with_write_retries`: one INSERT on an
-   autocommit connection instead of ORM `add` + unit of work + commit (the profile
-   shows `_save_obj`, `_postfetch`, session snapshot work): 0.30 -> 0.07 ms CPU,
-   0.55 -> 0.24 ms wall, 3 -> 1 round trips. Keep the ORM path for the idempotent
-   send (it needs the row id).
-   With 3 and 4 an answered send is 2 round trips instead of 7, and the quota/save
-   phases lose the waits that make their p99.
-5. *Leave alone*: the 11 Prometheus updates of a send cost ~0.025 ms; the JSON log
-   line at INFO ~0.02-0.2 ms single-threaded (the fast-50-info line above shows its
-   cost under load, which varied with the run); `sys.setswitchinterval` (above); more
-   workers (3 x 70 gave mixed results and +100 MiB each). The openai SDK costs ~1 ms
-   of CPU per call (`_transform_recursive` of the message TypedDicts is ~0.3 ms) but the
-   floor pays it too, so it does not move the ratios.
-
-**Sizing rule** (proposed defaults: 2 workers x 150 threads, pool 30 + 10):
-
-- *workers* = cores (2 on the target box). A worker is one GIL: more workers than cores
-  only add ~100 MiB RSS each and contention.
-- *threads per worker* >= 1.5 x in-flight sends per worker, where in-flight = answers/s x
-  LLM latency (Little's law): 200 in flight at 400/s x 0.5 s -> 2 x 150. The 1.5 covers
-  the uneven split of keep-alive connections between workers.
-- *DB pool per worker*: `pool_size` ~ threads / 5 (measured: enough to stop the churn at
-  100 threads), `max_overflow` 10, and instances x workers x (pool_size + max_overflow)
-  <= PostgreSQL `max_connections` - 10 (100 here: 2 x (30 + 10) = 80 for one instance;
-  two instances would have to go below threads / 5 and churn again: raise
-  `max_connections` for them instead of shrinking the pool).
-- *timeouts*: unchanged. `pool_timeout` 5 s was never reached (no 503 in any run, also
-  with the 10 + 10 pool at 200 clients); worker `timeout` = LLM_DEADLINE + 15 s,
-  `graceful_timeout` = LLM_DEADLINE + 5 s, `keepalive` 5 s.
+- *workers* = cores. A worker is one GIL; more workers than cores buy throughput at
+  saturation (above) for ~100 MiB RSS each.
+- *threads per worker* >= 1.5 x in-flight sends per worker, where in-flight =
+  answers/s x LLM latency (Little's law): 200 in flight at 400/s x 0.5 s -> 2 x 150.
+  The 1.5 covers the uneven split of keep-alive connections between workers. A 2-core
+  box serves ~100 concurrent chats per core at a 0.5 s LLM and proportionally more at
+  the seconds real models take (the work per answer does not grow with latency).
+- *DB pool per worker*: `pool_size` ~ threads / 5, `max_overflow` 10, and
+  instances x workers x (pool_size + max_overflow) <= PostgreSQL `max_connections` - 10
+  (one instance: 2 x 40 = 80 of 100; for two, raise `max_connections` as
+  docker-compose.yml does rather than shrinking the pool and churning connections).
+- *timeouts*: `pool_timeout` 5 s was never reached; worker `timeout` = LLM_DEADLINE +
+  15 s, `graceful_timeout` = LLM_DEADLINE + 5 s, `keepalive` 5 s.
 - *memory*: ~100-115 MiB RSS per worker under load, flat over 20k sends (leak run).
 """
