@@ -218,12 +218,22 @@ def freeze(app):
     return set_now
 
 
-@pytest.fixture
-def live_server(app):
-    """The app on a real threaded HTTP server on loopback (for concurrency)."""
+@contextmanager
+def served(app):
+    """``app`` on a real threaded HTTP server on loopback; yields its base URL."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=5)
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+        server.server_close()
+
+
+@pytest.fixture
+def live_server(app):
+    """The app on a real threaded HTTP server (for concurrency)."""
+    with served(app) as url:
+        yield url

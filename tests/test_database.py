@@ -23,11 +23,10 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from flask_migrate import downgrade, upgrade
-from werkzeug.serving import make_server
 
 from app import create_app
 from app.extensions import db
-from tests.conftest import API_KEY, Api, created_database, dsn_to_url, pg_connect
+from tests.conftest import API_KEY, Api, created_database, dsn_to_url, pg_connect, served
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEAD_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
@@ -224,13 +223,8 @@ def sqlite_server(make_app, sqlite_path):
     """A migrated SQLite app with DAILY_LIMIT=5 on a threaded werkzeug server."""
     app = make_app(DATABASE_URL=f"sqlite:///{sqlite_path}", DAILY_LIMIT="5")
     migrate(app)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(timeout=5)
-    server.server_close()
+    with served(app) as url:
+        yield url
 
 
 def test_sqlite_concurrent_sends_give_exactly_the_limit(sqlite_server, sqlite_path, fake_llm):

@@ -14,11 +14,11 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
-from werkzeug.serving import make_server
 
-from tests.conftest import API_KEY
+from tests.conftest import API_KEY, served
 from tests.fake_llm import ok, status
 from tests.servers import post_send
 
@@ -26,20 +26,8 @@ from tests.servers import post_send
 @pytest.fixture
 def serve():
     """Put apps on their own threaded werkzeug servers: ``serve(app)`` → base URL."""
-    running = []
-
-    def start(app) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}"
-
-    yield start
-    for server, thread in running:
-        server.shutdown()
-        thread.join(timeout=5)
-        server.server_close()
+    with ExitStack() as stack:
+        yield lambda app: stack.enter_context(served(app))
 
 
 
