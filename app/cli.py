@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.chat import service
 from app.chat.schemas import MAX_BIGINT
 from app.extensions import db
-from app.models import UTCDateTime, begin_transaction
+from app.models import UTCDateTime, begin_transaction, ping_database
 
 chat = AppGroup("chat", help="Operator commands of the AI Chat Service.")
 
@@ -162,10 +162,8 @@ def _check_config() -> tuple[bool, str]:
 
 def _check_database() -> tuple[bool, str]:
     try:
-        db.session.execute(text("SELECT 1"))
-        db.session.commit()
+        ping_database()
     except SQLAlchemyError as error:
-        db.session.rollback()
         return False, _reason(error)
     return True, f"SELECT 1 answered ({db.engine.dialect.name})"
 

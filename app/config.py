@@ -68,14 +68,7 @@ def database_url(env: Mapping) -> str:
 
 
 def _engine_options(url: str, pool_size: int, max_overflow: int) -> dict:
-    if url.startswith("sqlite"):
-        # SQLite serialises writers; wait for the lock instead of failing.
-        return {
-            "hide_parameters": True,
-            "isolation_level": "AUTOCOMMIT",
-            "connect_args": {"timeout": 15, "check_same_thread": False},
-        }
-    return {
+    common = {
         # Bound values are sellers' texts: keep them out of exception messages.
         "hide_parameters": True,
         # Every statement of the hot path is a unit of work by itself (the
@@ -83,6 +76,12 @@ def _engine_options(url: str, pool_size: int, max_overflow: int) -> dict:
         # two round trips each; multi-statement units open a transaction
         # explicitly (app.models.begin_transaction).
         "isolation_level": "AUTOCOMMIT",
+    }
+    if url.startswith("sqlite"):
+        # SQLite serialises writers; wait for the lock instead of failing.
+        return {**common, "connect_args": {"timeout": 15, "check_same_thread": False}}
+    return {
+        **common,
         "pool_size": pool_size,
         "max_overflow": max_overflow,
         # Fail fast (503) instead of hanging when the pool or the server is gone.

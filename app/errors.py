@@ -17,6 +17,8 @@ from flask import Flask, g
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from app.logs import annotate
+
 log = logging.getLogger(__name__)
 
 
@@ -123,6 +125,7 @@ def _flatten_field_errors(messages) -> dict:
 
 
 def error_body(error: ApiError) -> dict:
+    annotate(error=error.code)
     return {"error": error.code, "message": error.message, **error.extra}
 
 
@@ -131,6 +134,7 @@ def http_error_response(error: HTTPException):
     if error.code is not None and error.code >= 500:
         return unexpected_error_response(error)
     code, message = _HTTP_CODES.get(error.code, ("http_error", error.name))
+    annotate(error=code)
     body = {"error": code, "message": message}
     data = getattr(error, "data", None) or {}
     messages = data.get("messages")

@@ -14,6 +14,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, has_request_context, request
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 log = logging.getLogger("ai_chat.request")
@@ -21,10 +22,6 @@ log = logging.getLogger("ai_chat.request")
 # A client's X-Request-ID is echoed into logs and headers: keep it tame.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
-_REQUEST_FIELDS = (
-    "request_id", "method", "path", "status", "duration_ms", "telegram_id",
-    "message_chars", "outcome", "error", "llm_ms", "tokens",
-)
 
 
 def annotate(**fields) -> None:
@@ -52,8 +49,6 @@ def _log_request(response: Response) -> Response:
         }
         if "outcome" not in fields:
             fields["outcome"] = "ok" if response.status_code < 400 else "error"
-        if response.status_code >= 400 and response.is_json:
-            fields["error"] = (response.get_json(silent=True) or {}).get("error")
         log.info("request", extra=fields)
     return response
 
@@ -72,10 +67,11 @@ class _TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        # The fields passed with ``extra=`` (what the JSON formatter adds too).
         fields = " ".join(
-            f"{name}={getattr(record, name)}"
-            for name in _REQUEST_FIELDS
-            if getattr(record, name, None) is not None
+            f"{name}={value}"
+            for name, value in record.__dict__.items()
+            if name not in RESERVED_ATTRS and value is not None
         )
         return f"{line} {fields}" if fields else line
 

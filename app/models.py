@@ -17,7 +17,9 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
 
@@ -98,9 +100,24 @@ class IdempotencyKey(db.Model):
     )
 
 
+def transaction_isolation(dialect_name: str) -> str:
+    """The isolation level that turns autocommit off (SQLite knows no READ COMMITTED)."""
+    return "READ COMMITTED" if dialect_name == "postgresql" else "SERIALIZABLE"
+
+
 def begin_transaction() -> None:
     """Make the session's next statements one transaction, ended by its
     commit or rollback. The engine runs in autocommit mode (app/config.py),
     so units of more than one statement ask for this explicitly."""
-    level = "READ COMMITTED" if db.engine.dialect.name == "postgresql" else "SERIALIZABLE"
+    level = transaction_isolation(db.engine.dialect.name)
     db.session.connection(execution_options={"isolation_level": level})
+
+
+def ping_database() -> None:
+    """``SELECT 1``; raises SQLAlchemyError (after a rollback) when it fails."""
+    try:
+        db.session.execute(text("SELECT 1"))
+        db.session.commit()
+    except SQLAlchemyError:
+        db.session.rollback()
+        raise

@@ -7,6 +7,8 @@ from alembic import context
 from flask import current_app
 from sqlalchemy import text
 
+from app.models import transaction_isolation
+
 config = context.config
 # Keep the application's loggers alive when migrations run inside it (tests).
 fileConfig(config.config_file_name, disable_existing_loggers=False)
@@ -45,7 +47,7 @@ def run_migrations_online():
     with target_db.engine.connect() as connection:
         # The app's engine runs in autocommit mode; migrations (and the
         # advisory lock) need a real transaction.
-        level = "READ COMMITTED" if connection.dialect.name == "postgresql" else "SERIALIZABLE"
+        level = transaction_isolation(connection.dialect.name)
         connection = connection.execution_options(isolation_level=level)
         context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
         with context.begin_transaction():

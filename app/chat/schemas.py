@@ -16,7 +16,7 @@ MAX_INTEGER = 2**31 - 1
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The rules of the validators below, as JSON Schema patterns for the OpenAPI
 # document (ECMA regex; JSON Schema patterns are unanchored).
-REQUEST_ID_DOC = r"^[A-Za-z0-9._:-]{1,128}$"
+REQUEST_ID_DOC = f"^{REQUEST_ID_PATTERN.pattern}$"
 NO_NUL_DOC = r"^[^\u0000]*$"
 NOT_BLANK_NO_NUL_DOC = r"^[^\u0000]*[^\s\u0000][^\u0000]*$"
 # Lone UTF-16 surrogates survive json.loads but cannot be stored as UTF-8.

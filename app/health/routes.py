@@ -9,11 +9,10 @@ import logging
 import marshmallow as ma
 from flask import current_app
 from flask.views import MethodView
-from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.api import Blueprint
-from app.extensions import db
+from app.models import ping_database
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,8 @@ class Readiness(MethodView):
 
 def _database_check() -> str:
     try:
-        db.session.execute(text("SELECT 1"))
-        db.session.commit()
+        ping_database()
         return "ok"
     except SQLAlchemyError as error:
-        db.session.rollback()
         log.warning("readiness: database check failed (%s)", type(error).__name__)
         return "unavailable"
