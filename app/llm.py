@@ -29,7 +29,6 @@ TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalSe
 class Completion:
     text: str
     tokens: int
-    attempts: int
 
 
 @dataclass(frozen=True)
@@ -150,7 +149,7 @@ class LLMClient:
             log.warning("llm returned an empty answer")
             raise LLMUnavailable()
         tokens = response.usage.total_tokens if response.usage else 0
-        return Completion(text=text, tokens=tokens or 0, attempts=attempts[0])
+        return Completion(text=text, tokens=tokens or 0)
 
     def _create(self, messages, deadline_at: float, attempts: list[int]):
         remaining = deadline_at - time.monotonic()

@@ -189,7 +189,7 @@ def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Co
             send.recent_exchanges(telegram_id, context_count)
             db.session.commit()
 
-        completion = Completion(text=ANSWER, tokens=100, attempts=1)
+        completion = Completion(text=ANSWER, tokens=100)
 
         def save_now():
             command = send.SendCommand(telegram_id=next(ids), message=MESSAGE)

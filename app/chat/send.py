@@ -48,7 +48,6 @@ class Answer:
     tokens_used: int
     usage: Usage
     day: Day
-    replayed: bool = False
     timings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -227,7 +226,7 @@ def _claim_key(command: SendCommand, day: Day, limit: int) -> int | Answer:
     db.session.commit()
     metrics.IDEMPOTENT_REPLAYS.inc()
     annotate(outcome="replayed")
-    return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day, replayed=True)
+    return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day)
 
 
 def _reserve(command: SendCommand, day: Day, limit: int) -> int:
