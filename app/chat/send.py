@@ -126,7 +126,7 @@ def recent_exchanges(telegram_id: int, count: int) -> list[tuple[str, str]]:
     return [(message, response) for message, response in reversed(rows)]
 
 
-def _with_write_retries(action, what: str):
+def _with_write_retries(action, what: str) -> None:
     """Run and commit ``action``, riding out a database blip of a few seconds.
 
     Used for the writes that follow an answer (save, refund, key release):
@@ -137,9 +137,9 @@ def _with_write_retries(action, what: str):
     delay = 0.1
     while True:
         try:
-            result = action()
+            action()
             db.session.commit()
-            return result
+            return
         except OperationalError:
             db.session.rollback()
             if time.monotonic() + delay > deadline:
