@@ -9,53 +9,28 @@ import glob
 import math
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import suppress
 
 from dotenv import load_dotenv
 
+# gunicorn reads this file before it applies --chdir; the app package lives next to it.
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+from app.config import env_text, server_settings  # noqa: E402
+
 # `.env` first, so AI_CHAT_PORT, WEB_CONCURRENCY, LLM_DEADLINE ... set there apply to
 # the server itself and not only to the app. The path is explicit (next to this file)
 # so a `.env` in some parent directory is never picked up by accident. Values already
 # in the real environment win (override=False), as in the app.
-load_dotenv(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env"))
+load_dotenv(os.path.join(ROOT, ".env"))
 
-
-def _config_error(message):
-    """Stop with one line; SystemExit passes gunicorn's config loader untouched."""
-    # The private metrics directory below is already made by then; do not leak it.
-    if os.environ.get("AI_CHAT_METRICS_TMPDIR"):
-        shutil.rmtree(os.environ["AI_CHAT_METRICS_TMPDIR"], ignore_errors=True)
-    raise SystemExit(f"gunicorn.conf.py: {message}")
-
-
-def _env_str(name, default):
-    """A string setting; unset or empty means the default."""
-    return os.environ.get(name, "").strip() or default
-
-
-def _env_number(name, default):
-    """A non-negative number setting, or a one-line exit naming the bad variable."""
-    raw = _env_str(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        _config_error(f"{name} must be a non-negative number, got {raw!r}")
-    return value
-
-
-def _env_int(name, default):
-    """An integer setting (>= 1), or a one-line exit naming the bad variable."""
-    raw = _env_str(name, "")
-    if not raw:
-        return default
-    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
-        _config_error(f"{name} must be a positive integer, got {raw!r}")
-    return int(raw)
+# Numbers are parsed by the app's own rules (app/config.py): same defaults, and a
+# malformed value stops the master with one line naming the variable. Read before
+# the metrics directory below is made, so such an exit leaves nothing behind.
+_server = server_settings(os.environ)
 
 
 #
@@ -96,10 +71,8 @@ os.environ["AI_CHAT_METRICS_MASTER_PID"] = str(os.getpid())
 #       existing service and the bot already use.
 #
 
-bind = _env_str(
-    "GUNICORN_BIND",
-    f"{_env_str('GUNICORN_HOST', '0.0.0.0')}:{_env_int('AI_CHAT_PORT', 9001)}",
-)
+_host = env_text(os.environ, "GUNICORN_HOST", "0.0.0.0")
+bind = env_text(os.environ, "GUNICORN_BIND", f"{_host}:{_server['port']}")
 
 #
 # Worker processes
@@ -127,11 +100,11 @@ bind = _env_str(
 #       keep-alive connections are worth holding a little longer than the default.
 #
 
-_llm_deadline = math.ceil(_env_number("LLM_DEADLINE", 45))
+_llm_deadline = math.ceil(_server["llm_deadline"])
 
 worker_class = "gthread"
-workers = _env_int("WEB_CONCURRENCY", 2)
-threads = _env_int("GUNICORN_THREADS", 150)
+workers = _server["workers"]
+threads = _server["threads"]
 timeout = _llm_deadline + 15
 graceful_timeout = _llm_deadline + 5
 keepalive = 5
@@ -159,7 +132,7 @@ preload_app = True
 if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
     worker_tmp_dir = "/dev/shm"
 control_socket_disable = True
-forwarded_allow_ips = _env_str("FORWARDED_ALLOW_IPS", "127.0.0.1")
+forwarded_allow_ips = env_text(os.environ, "FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 #
 # Logging
@@ -172,7 +145,7 @@ forwarded_allow_ips = _env_str("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 accesslog = None
 errorlog = "-"
-loglevel = _env_str("LOG_LEVEL", "info").lower()
+loglevel = env_text(os.environ, "LOG_LEVEL", "info").lower()
 
 #
 # Process naming
