@@ -4,6 +4,7 @@ overrides, layered app → client → api helpers."""
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import uuid
@@ -58,6 +59,26 @@ def counters_and_rows(dsn: str) -> tuple[dict, dict]:
         return counters, dict(cursor.fetchall())
 
 
+def request_count(sql, telegram_id: int = 1) -> int:
+    """The user's stored quota counter, 0 when there is no counter row."""
+    rows = sql(
+        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
+    )
+    return rows[0][0] if rows else 0
+
+
+def exchange_count(sql, telegram_id: int = 1) -> int:
+    """How many exchanges of the user are stored."""
+    return sql("SELECT count(*) FROM ai_chat_requests WHERE telegram_id = %s", (telegram_id,))[0][0]
+
+
+def assert_counted_stored_and_called(sql, fake_llm, answers: int, telegram_id: int = 1) -> None:
+    """The user's counter, stored exchanges and the LLM's calls all equal ``answers``."""
+    assert request_count(sql, telegram_id) == answers
+    assert exchange_count(sql, telegram_id) == answers
+    assert fake_llm.calls == answers
+
+
 @pytest.fixture(scope="session")
 def database_name():
     """A fresh PostgreSQL database for this test session, dropped afterwards."""
@@ -65,16 +86,21 @@ def database_name():
         yield name
 
 
+def migrate_to_head(url: str) -> None:
+    """Bring the database at ``url`` to the head revision through Flask-Migrate."""
+    from app.extensions import db
+
+    app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": url})
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def database_url(database_name):
     """The test database, migrated to head through Flask-Migrate."""
     url = dsn_to_url(database_name)
-    app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": url})
-    with app.app_context():
-        upgrade()
-        from app.extensions import db
-
-        db.engine.dispose()
+    migrate_to_head(url)
     return url
 
 
@@ -207,15 +233,22 @@ def api(client):
 
 
 @pytest.fixture
+def make_api(make_app):
+    """An ``Api`` on an app built from env-style overrides: ``make_api(DAILY_LIMIT="1")``."""
+    return lambda **overrides: Api(make_app(**overrides).test_client())
+
+
+def freeze_app(app, moment: str | datetime) -> datetime:
+    """Pin ``app``'s service clock at ``moment`` (ISO text or aware datetime); returns it."""
+    now = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
+    app.config["CLOCK"] = lambda: now.astimezone(UTC)
+    return now
+
+
+@pytest.fixture
 def freeze(app):
-    """Pin the service clock: ``freeze("2026-03-01T20:59:59+00:00")``."""
-
-    def set_now(moment: str | datetime):
-        now = datetime.fromisoformat(moment) if isinstance(moment, str) else moment
-        app.config["CLOCK"] = lambda: now.astimezone(UTC)
-        return now
-
-    return set_now
+    """Pin the default app's clock: ``freeze("2026-03-01T20:59:59+00:00")``."""
+    return functools.partial(freeze_app, app)
 
 
 @contextmanager

@@ -467,11 +467,6 @@ class FakeLLM:
             self.latency, self.failure_rate, self.chaos_timeout = self._initial
             self._rng = random.Random(self._seed)
 
-    @property
-    def pending_steps(self) -> int:
-        with self._lock:
-            return len(self._steps)
-
     # ------------------------------------------------------------- recording
 
     @property

@@ -10,6 +10,7 @@ cron jobs and deploy scripts act on them.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from flask_migrate import upgrade
 
-from tests.conftest import API_KEY, base_env
+from tests.conftest import Api, base_env, freeze_app, request_count
 from tests.fake_llm import ok
 from tests.servers import ROOT, VENV_BIN, free_port
 
@@ -28,7 +29,6 @@ MAX_BIGINT = 2**63 - 1
 
 
 # --- helpers -------------------------------------------------------------------
-
 
 
 @pytest.fixture
@@ -74,21 +74,10 @@ def key_ids(sql) -> list[str]:
     return [row[0] for row in rows]
 
 
-def counter(sql, telegram_id: int):
-    rows = sql(
-        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
-    )
-    return rows[0][0] if rows else None
-
-
-def send(app, telegram_id: int, message: str = "Как поднять продажи?"):
-    response = app.test_client().post(
-        "/v1/chat/send",
-        json={"telegram_id": telegram_id, "message": message},
-        headers={"X-API-KEY": API_KEY},
-    )
+def send(app, telegram_id: int, message: str = "Как поднять продажи?") -> None:
+    """One answered send through the HTTP API."""
+    response = Api(app.test_client()).send(telegram_id=telegram_id, message=message)
     assert response.status_code == 200, response.get_json()
-    return response
 
 
 def fields_of(output: str) -> dict[str, str]:
@@ -103,6 +92,13 @@ def check_lines(output: str) -> dict[str, str]:
         for name, rest in (line.split(": ", 1) for line in output.splitlines() if ": " in line)
         if name in ("config", "database", "schema", "llm")
     }
+
+
+def failed_check(app):
+    """Run ``chat check``, which must exit non-zero; returns (its lines, the result)."""
+    result = runner_for(app)("check")
+    assert result.exit_code != 0
+    return check_lines(result.output), result
 
 
 # --- cleanup -------------------------------------------------------------------
@@ -180,17 +176,17 @@ def test_cleanup_leaves_quota_counters_alone(app, run, sql):
 
     assert result.exit_code == 0, result.output
     assert exchange_ids(sql) == []
-    assert counter(sql, 7) == 1
+    assert request_count(sql, 7) == 1
 
 
 def test_cleanup_on_sqlite_deletes_keys_although_foreign_keys_are_not_enforced(
-    make_app, fake_llm, tmp_path
+    make_app, tmp_path
 ):
     from app.extensions import db
     from app.models import ChatRequest, IdempotencyKey
 
     app = make_app(DATABASE_URL=f"sqlite:///{tmp_path}/chat.db")
-    app.config["CLOCK"] = lambda: NOW
+    freeze_app(app, NOW)
     with app.app_context():
         upgrade()
         for request_id, age in (("old", 60), ("new", 1)):
@@ -244,28 +240,27 @@ def test_cleanup_refuses_bad_arguments_and_deletes_nothing(run, sql, args):
 def test_reset_limit_zeroes_todays_counter(app, run, sql):
     send(app, telegram_id=5)
     send(app, telegram_id=5)
-    assert counter(sql, 5) == 2
+    assert request_count(sql, 5) == 2
 
     result = run("reset-limit", "5")
 
     assert result.exit_code == 0, result.output
     assert "успешно" in result.output
-    assert counter(sql, 5) == 0
+    # The row stays, zeroed (not deleted).
+    assert sql("SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = 5") == [(0,)]
 
 
-def test_reset_limit_lets_the_user_send_again_after_the_limit(make_app, fake_llm, sql):
+def test_reset_limit_lets_the_user_send_again_after_the_limit(make_app, sql):
     app = make_app(DAILY_LIMIT="1")
     send(app, telegram_id=5)
-    refused = app.test_client().post(
-        "/v1/chat/send", json={"telegram_id": 5, "message": "Ещё?"}, headers={"X-API-KEY": API_KEY}
-    )
+    refused = Api(app.test_client()).send(telegram_id=5, message="Ещё?")
     assert refused.status_code == 429
 
     result = runner_for(app)("reset-limit", "5")
 
     assert result.exit_code == 0, result.output
     send(app, telegram_id=5, message="Ещё?")
-    assert counter(sql, 5) == 1
+    assert request_count(sql, 5) == 1
 
 
 def test_reset_limit_of_an_unknown_user_exits_1_and_creates_no_row(run, sql):
@@ -273,7 +268,7 @@ def test_reset_limit_of_an_unknown_user_exits_1_and_creates_no_row(run, sql):
 
     assert result.exit_code == 1
     assert "не найден" in result.stderr
-    assert counter(sql, 404) is None
+    assert sql("SELECT count(*) FROM ai_chat_daily_limits WHERE telegram_id = 404") == [(0,)]
 
 
 @pytest.mark.parametrize("telegram_id", ["abc", "0", "-5", str(MAX_BIGINT + 1), "1.5"])
@@ -308,8 +303,6 @@ def test_stats_prints_totals_and_todays_quota(app, run, fake_llm):
 
 
 def test_stats_json_is_one_object_with_the_same_numbers(app, run, fake_llm):
-    import json
-
     fake_llm.script(ok("Ответ", tokens=12))
     send(app, telegram_id=5)
 
@@ -359,7 +352,7 @@ def test_stats_refuses_days_out_of_range(run, days):
     assert result.exit_code == 2, result.output
 
 
-def test_stats_says_unlimited_when_the_quota_is_off(make_app, fake_llm):
+def test_stats_says_unlimited_when_the_quota_is_off(make_app):
     app = make_app(DAILY_LIMIT="0")
 
     result = runner_for(app)("stats", "5")
@@ -384,22 +377,16 @@ def test_check_passes_against_the_database_and_the_fake_llm(run):
 def test_check_fails_when_the_llm_endpoint_is_unreachable(make_app):
     app = make_app(OPENAI_BASE_URL=f"http://127.0.0.1:{free_port()}/v1", OPENAI_TIMEOUT="0.5")
 
-    result = runner_for(app)("check")
+    lines, result = failed_check(app)
 
-    assert result.exit_code != 0
-    lines = check_lines(result.output)
     assert lines["llm"].startswith("FAILED"), result.output
     assert lines["database"].startswith("ok"), result.output
     assert "check failed: llm" in result.stderr
 
 
 def test_check_fails_when_the_llm_is_not_configured(make_app):
-    app = make_app(OPENAI_BASE_URL="", OPENAI_API_KEY="")
+    lines, result = failed_check(make_app(OPENAI_BASE_URL="", OPENAI_API_KEY=""))
 
-    result = runner_for(app)("check")
-
-    assert result.exit_code != 0
-    lines = check_lines(result.output)
     assert "LLM not configured" in lines["config"]
     assert lines["llm"].startswith("FAILED"), result.output
     assert "OPENAI_API_KEY" in lines["llm"]
@@ -408,21 +395,15 @@ def test_check_fails_when_the_llm_is_not_configured(make_app):
 def test_check_fails_when_the_database_is_unreachable(make_app):
     app = make_app(DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
 
-    result = runner_for(app)("check")
+    lines, result = failed_check(app)
 
-    assert result.exit_code != 0
-    lines = check_lines(result.output)
     assert lines["database"].startswith("FAILED"), result.output
     assert lines["llm"].startswith("ok"), result.output
 
 
 def test_check_fails_when_the_schema_is_not_migrated(make_app, tmp_path):
-    app = make_app(DATABASE_URL=f"sqlite:///{tmp_path}/empty.db")
+    lines, result = failed_check(make_app(DATABASE_URL=f"sqlite:///{tmp_path}/empty.db"))
 
-    result = runner_for(app)("check")
-
-    assert result.exit_code != 0
-    lines = check_lines(result.output)
     assert lines["database"].startswith("ok"), result.output
     assert lines["schema"].startswith("FAILED"), result.output
     assert "db upgrade" in lines["schema"]

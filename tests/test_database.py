@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-import requests
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -27,8 +24,8 @@ from flask_migrate import downgrade, upgrade
 from app import create_app
 from app.extensions import db
 from tests.conftest import API_KEY, Api, created_database, dsn_to_url, pg_connect, served
+from tests.servers import ROOT, send_all_at_once
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEAD_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 CYRILLIC = re.compile("[А-Яа-яЁё]")
 DRIVER_WORDS = ("psycopg2", "connection", "127.0.0.1", "OperationalError")
@@ -79,44 +76,30 @@ ENDPOINTS = {
 
 
 @pytest.fixture
-def dead_db_app(make_app):
-    return make_app(DATABASE_URL=DEAD_DATABASE_URL)
+def dead_db_api(make_api):
+    return make_api(DATABASE_URL=DEAD_DATABASE_URL)
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_unreachable_database_answers_503_database_unavailable(dead_db_app, endpoint):
-    response = ENDPOINTS[endpoint](Api(dead_db_app.test_client()))
+def test_unreachable_database_answers_503_database_unavailable(dead_db_api, endpoint):
+    response = ENDPOINTS[endpoint](dead_db_api)
     assert response.status_code == 503
     assert response.get_json()["error"] == "database_unavailable"
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
-def test_unreachable_database_message_is_russian_without_driver_text(dead_db_app, endpoint):
-    response = ENDPOINTS[endpoint](Api(dead_db_app.test_client()))
+def test_unreachable_database_message_is_russian_without_driver_text(dead_db_api, endpoint):
+    response = ENDPOINTS[endpoint](dead_db_api)
     assert CYRILLIC.search(response.get_json()["message"])
     body = response.get_data(as_text=True)
     for word in DRIVER_WORDS:
         assert word.lower() not in body.lower()
 
 
-def test_unreachable_database_send_does_not_call_the_llm(dead_db_app, fake_llm):
-    response = Api(dead_db_app.test_client()).send(telegram_id=42)
+def test_unreachable_database_send_does_not_call_the_llm(dead_db_api, fake_llm):
+    response = dead_db_api.send(telegram_id=42)
     assert response.status_code == 503
     assert fake_llm.calls == 0
-
-
-def test_unreachable_database_keeps_liveness_200(dead_db_app):
-    response = dead_db_app.test_client().get("/health")
-    assert response.status_code == 200
-    assert response.get_json()["status"] == "ok"
-
-
-def test_unreachable_database_makes_readiness_503(dead_db_app):
-    response = dead_db_app.test_client().get("/health/ready")
-    assert response.status_code == 503
-    body = response.get_json()
-    assert body["status"] == "unavailable"
-    assert body["checks"]["database"] != "ok"
 
 
 # --- SQLite, the embedded default ------------------------------------------------
@@ -128,16 +111,11 @@ def sqlite_path(tmp_path):
 
 
 @pytest.fixture
-def sqlite_app(make_app, sqlite_path):
-    """An app on a migrated SQLite file with DAILY_LIMIT=2."""
+def sqlite_api(make_app, sqlite_path):
+    """An ``Api`` on an app on a migrated SQLite file with DAILY_LIMIT=2."""
     app = make_app(DATABASE_URL=f"sqlite:///{sqlite_path}", DAILY_LIMIT="2")
     migrate(app)
-    return app
-
-
-@pytest.fixture
-def sqlite_api(sqlite_app):
-    return Api(sqlite_app.test_client())
+    return Api(app.test_client())
 
 
 def sqlite_rows(path: Path, statement: str, params=()) -> list:
@@ -229,20 +207,10 @@ def sqlite_server(make_app, sqlite_path):
 
 def test_sqlite_concurrent_sends_give_exactly_the_limit(sqlite_server, sqlite_path, fake_llm):
     fake_llm.latency = 0.2
-    barrier = threading.Barrier(20)
 
-    def send(_):
-        barrier.wait(timeout=30)
-        return requests.post(
-            f"{sqlite_server}/v1/chat/send",
-            json={"telegram_id": 7, "message": "Как поднять продажи?"},
-            headers={"X-API-KEY": API_KEY},
-            timeout=30,
-        ).status_code
+    results = send_all_at_once([(sqlite_server, 7)] * 20)
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        statuses = Counter(pool.map(send, range(20)))
-    assert statuses == {200: 5, 429: 15}
+    assert Counter(code for code, _ in results) == {200: 5, 429: 15}
     assert sqlite_rows(sqlite_path, "SELECT request_count FROM ai_chat_daily_limits") == [(5,)]
     assert sqlite_rows(sqlite_path, "SELECT count(*) FROM ai_chat_requests") == [(5,)]
     assert fake_llm.calls == 5
@@ -259,7 +227,7 @@ def test_without_a_database_url_the_default_is_sqlite_under_var(monkeypatch):
     assert uri.startswith("sqlite:///")
     path = Path(uri.removeprefix("sqlite:///"))
     assert path.is_absolute()
-    assert path.parent == REPO_ROOT / "var"
+    assert path.parent == ROOT / "var"
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from app import create_app
 from tests import pg_cluster
-from tests.conftest import API_KEY, base_env, counters_and_rows
+from tests.conftest import API_KEY, base_env, counters_and_rows, migrate_to_head
 from tests.servers import Gunicorn
 
 LOAD_THREADS = 6
@@ -39,18 +38,6 @@ ANSWERS_BEFORE_THE_STOP = 20
 OUTAGE_SECONDS = 3.0
 RECOVERY_SECONDS = 20.0
 CYRILLIC = re.compile(r"[А-Яа-яЁё]")
-
-
-def migrate(database_url: str) -> None:
-    """Bring the throwaway database to the head revision (Flask-Migrate)."""
-    from flask_migrate import upgrade
-
-    from app.extensions import db
-
-    app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": database_url})
-    with app.app_context():
-        upgrade()
-        db.engine.dispose()
 
 
 def child_pids(pid: int) -> set[int]:
@@ -157,7 +144,6 @@ def probe(url: str) -> tuple[int | None, object]:
         return response.status_code, response.text[:300]
 
 
-
 @pytest.fixture(scope="module")
 def outage(_fake_llm_server, tmp_path_factory):
     """Run the whole outage once and return what was observed."""
@@ -170,7 +156,7 @@ def outage(_fake_llm_server, tmp_path_factory):
     seen: dict = {}
     try:
         with pg_cluster.PgCluster() as cluster:
-            migrate(cluster.url())
+            migrate_to_head(cluster.url())
             env = {
                 **base_env(cluster.url(), fake.url),
                 "DAILY_LIMIT": "1000",

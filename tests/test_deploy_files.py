@@ -25,7 +25,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from app import metrics
-from tests.servers import ROOT, VENV_BIN, free_port, wait_until_up
+from tests.servers import ROOT, VENV_BIN, ServerProcess, free_port
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -290,30 +290,21 @@ def migration_heads() -> set[str]:
 
 @pytest.fixture
 def booted(tmp_path):
-    """deploy/boot.sh started from another directory; yields (process, base URL)."""
+    """deploy/boot.sh started from another directory, up and answering /health."""
     port = free_port()
-    log = open(tmp_path / "boot.log", "wb")
-    process = subprocess.Popen(
+    server = ServerProcess(
         [str(BOOT)],
+        port=port,
+        log_path=tmp_path / "boot.log",
         cwd=tmp_path,
         env=boot_env(tmp_path, GUNICORN_BIND=f"127.0.0.1:{port}"),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        name="deploy/boot.sh",
     )
-    url = f"http://127.0.0.1:{port}"
+    server.start(timeout=60)
     try:
-        wait_until_up(f"{url}/health", timeout=60, process=process)
-    except RuntimeError:
-        process.kill()
-        process.wait(5)
-        log.close()
-        pytest.fail(f"boot.sh did not come up:\n{(tmp_path / 'boot.log').read_text()}")
-    yield process, url
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(5)
-    log.close()
+        yield server
+    finally:
+        server.stop()
 
 
 def test_boot_sh_is_an_executable_posix_script():
@@ -322,8 +313,7 @@ def test_boot_sh_is_an_executable_posix_script():
 
 
 def test_boot_sh_runs_the_migrations_before_serving(booted, tmp_path):
-    process, url = booted
-    response = requests.get(f"{url}/health", timeout=5)
+    response = requests.get(f"{booted.url}/health", timeout=5)
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
     connection = sqlite3.connect(tmp_path / "x.db")
@@ -337,7 +327,7 @@ def test_boot_sh_runs_the_migrations_before_serving(booted, tmp_path):
 
 
 def test_boot_sh_becomes_gunicorn_and_stops_cleanly_on_sigterm(booted):
-    process, url = booted
+    process = booted.process
     command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")
     assert any(part.endswith(b"gunicorn") for part in command_line), command_line
 

@@ -14,34 +14,19 @@ counter and rows in PostgreSQL (``sql``) and the fake LLM's call count.
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
-from tests.conftest import API_KEY, Api
+from tests.conftest import assert_counted_stored_and_called, exchange_count, request_count
 from tests.fake_llm import ok, status
+from tests.servers import post_send, send_all_at_once
 
 MESSAGE = "Как поднять продажи?"
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def counter(sql, telegram_id: int = 1) -> int:
-    """The user's request_count, 0 when there is no counter row."""
-    rows = sql(
-        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
-    )
-    return rows[0][0] if rows else 0
-
-
-def stored_rows(sql, telegram_id: int = 1) -> int:
-    return sql(
-        "SELECT count(*) FROM ai_chat_requests WHERE telegram_id = %s", (telegram_id,)
-    )[0][0]
 
 
 def key_rows(sql) -> list[tuple]:
@@ -59,17 +44,6 @@ def insert_claim(sql, telegram_id: int, request_id: str, message: str, age: str)
         "VALUES (%s, %s, %s, NULL, now() - %s::interval)",
         (telegram_id, request_id, hashlib.sha256(message.encode()).hexdigest(), age),
     )
-
-
-def post_send(base_url: str, request_id: str, telegram_id: int = 1, message: str = MESSAGE):
-    """One send over real HTTP; returns (status, JSON body)."""
-    response = requests.post(
-        f"{base_url}/v1/chat/send",
-        json={"telegram_id": telegram_id, "message": message, "request_id": request_id},
-        headers={"X-API-KEY": API_KEY},
-        timeout=30,
-    )
-    return response.status_code, response.json()
 
 
 def wait_for_llm_calls(fake_llm, count: int, timeout: float = 10.0) -> None:
@@ -108,9 +82,7 @@ def test_answered_key_replays_stored_answer_without_llm_or_quota(api, fake_llm, 
         "remaining_requests": 29,
         "daily_limit": 30,
     }
-    assert fake_llm.calls == 1
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert_counted_stored_and_called(sql, fake_llm, 1)
 
 
 def test_key_in_body_and_key_in_header_are_the_same_key(api, fake_llm, sql):
@@ -121,11 +93,11 @@ def test_key_in_body_and_key_in_header_are_the_same_key(api, fake_llm, sql):
     assert replay.status_code == 200
     assert replay.get_json()["response"] == first.get_json()["response"]
     assert fake_llm.calls == 1
-    assert counter(sql) == 1
+    assert request_count(sql) == 1
 
 
-def test_replay_is_answered_even_when_today_quota_is_used_up(make_app, fake_llm, sql):
-    api = Api(make_app(DAILY_LIMIT="1").test_client())
+def test_replay_is_answered_even_when_today_quota_is_used_up(make_api, fake_llm, sql):
+    api = make_api(DAILY_LIMIT="1")
     fake_llm.script(ok("Единственный ответ", tokens=9))
     assert api.send(request_id="k1").status_code == 200
 
@@ -138,9 +110,7 @@ def test_replay_is_answered_even_when_today_quota_is_used_up(make_app, fake_llm,
     assert replay.get_json()["remaining_requests"] == 0
     assert new_key.status_code == 429
     assert new_key.get_json()["error"] == "daily_limit_exceeded"
-    assert fake_llm.calls == 1
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert_counted_stored_and_called(sql, fake_llm, 1)
 
 
 def test_header_and_body_keys_that_differ_are_rejected(api, fake_llm, sql):
@@ -151,7 +121,7 @@ def test_header_and_body_keys_that_differ_are_rejected(api, fake_llm, sql):
     assert body["error"] == "validation_error"
     assert "request_id" in body["errors"]
     assert fake_llm.calls == 0
-    assert counter(sql) == 0
+    assert request_count(sql) == 0
     assert key_rows(sql) == []
 
 
@@ -165,7 +135,7 @@ def test_same_key_of_another_user_is_another_key(api, fake_llm, sql):
     assert first.get_json()["response"] == "Ответ первому"
     assert second.get_json()["response"] == "Ответ второму"
     assert fake_llm.calls == 2
-    assert (counter(sql, 1), counter(sql, 2)) == (1, 1)
+    assert (request_count(sql, 1), request_count(sql, 2)) == (1, 1)
     assert key_rows(sql) == [(1, "shared-key", True), (2, "shared-key", True)]
 
 
@@ -176,9 +146,7 @@ def test_key_reused_with_another_message_is_rejected_and_spends_nothing(api, fak
 
     assert response.status_code == 422
     assert response.get_json()["error"] == "idempotency_key_reused"
-    assert fake_llm.calls == 1
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert_counted_stored_and_called(sql, fake_llm, 1)
 
 
 # --- a duplicate while the first is in flight ----------------------------------
@@ -187,24 +155,22 @@ def test_key_reused_with_another_message_is_rejected_and_spends_nothing(api, fak
 def test_duplicate_of_request_in_flight_gets_409_then_the_answer(live_server, fake_llm, sql):
     fake_llm.script(ok("Медленный ответ", tokens=11, delay=1.0))
     with ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(post_send, live_server, "slow-1")
+        first = pool.submit(post_send, live_server, 1, request_id="slow-1")
         wait_for_llm_calls(fake_llm, 1)
 
-        in_flight = post_send(live_server, "slow-1")
+        in_flight = post_send(live_server, 1, request_id="slow-1")
 
         assert in_flight[0] == 409
         assert in_flight[1]["error"] == "request_in_progress"
         # Only the first request's reservation is counted.
-        assert counter(sql) == 1
+        assert request_count(sql) == 1
         assert first.result(timeout=30)[0] == 200
 
-    after = post_send(live_server, "slow-1")
+    after = post_send(live_server, 1, request_id="slow-1")
 
     assert after == (200, first.result()[1])
     assert after[1]["response"] == "Медленный ответ"
-    assert fake_llm.calls == 1
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert_counted_stored_and_called(sql, fake_llm, 1)
 
 
 # --- failures leave the key free ----------------------------------------------
@@ -222,12 +188,12 @@ def test_key_of_failed_first_attempt_is_free_to_retry(api, fake_llm, sql):
     assert retried.status_code == 200
     assert retried.get_json()["response"] == "Со второй попытки"
     assert fake_llm.calls == 4
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert request_count(sql) == 1
+    assert exchange_count(sql) == 1
 
 
-def test_key_refused_with_429_is_free_after_the_limit_is_reset(make_app, fake_llm, sql):
-    api = Api(make_app(DAILY_LIMIT="1").test_client())
+def test_key_refused_with_429_is_free_after_the_limit_is_reset(make_api, fake_llm, sql):
+    api = make_api(DAILY_LIMIT="1")
     assert api.send(request_id="k0").status_code == 200
     refused = api.send(request_id="k1")
     assert refused.status_code == 429
@@ -237,8 +203,8 @@ def test_key_refused_with_429_is_free_after_the_limit_is_reset(make_app, fake_ll
 
     assert retried.status_code == 200
     assert fake_llm.calls == 2
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 2
+    assert request_count(sql) == 1
+    assert exchange_count(sql) == 2
 
 
 # --- claims left by requests that died ----------------------------------------
@@ -251,7 +217,7 @@ def test_stale_claim_is_taken_over(api, fake_llm, sql):
 
     assert response.status_code == 200
     assert fake_llm.calls == 1
-    assert counter(sql) == 1
+    assert request_count(sql) == 1
     assert key_rows(sql) == [(1, "orphan", True)]
 
 
@@ -263,7 +229,7 @@ def test_fresh_claim_of_another_request_gets_409(api, fake_llm, sql):
     assert response.status_code == 409
     assert response.get_json()["error"] == "request_in_progress"
     assert fake_llm.calls == 0
-    assert counter(sql) == 0
+    assert request_count(sql) == 0
     assert key_rows(sql) == [(1, "busy", False)]
 
 
@@ -281,8 +247,8 @@ def test_deleting_history_forgets_the_keys(api, fake_llm, sql):
     assert again.status_code == 200
     assert again.get_json()["response"] == "Новый ответ"
     assert fake_llm.calls == 2
-    assert counter(sql) == 2
-    assert stored_rows(sql) == 1
+    assert request_count(sql) == 2
+    assert exchange_count(sql) == 1
 
 
 # --- concurrency --------------------------------------------------------------
@@ -290,21 +256,12 @@ def test_deleting_history_forgets_the_keys(api, fake_llm, sql):
 
 def test_burst_of_one_key_reaches_the_llm_once_and_pays_once(live_server, fake_llm, sql):
     fake_llm.latency = 0.3
-    clients = 20
-    barrier = threading.Barrier(clients)
 
-    def one(_):
-        barrier.wait(timeout=30)
-        return post_send(live_server, "burst-1")
-
-    with ThreadPoolExecutor(max_workers=clients) as pool:
-        results = list(pool.map(one, range(clients)))
+    results = send_all_at_once([(live_server, 1)] * 20, request_id="burst-1")
 
     answers = [body for code, body in results if code == 200]
     assert {code for code, _ in results} <= {200, 409}
     assert answers, "no request was answered"
     assert all(body == answers[0] for body in answers)
     assert all(body["error"] == "request_in_progress" for code, body in results if code == 409)
-    assert fake_llm.calls == 1
-    assert counter(sql) == 1
-    assert stored_rows(sql) == 1
+    assert_counted_stored_and_called(sql, fake_llm, 1)

@@ -13,17 +13,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import API_KEY, base_env
-from tests.servers import ROOT, Gunicorn, free_port, post_send, request_log_lines, wait_until_up
+from tests.conftest import API_KEY, assert_counted_stored_and_called, base_env
+from tests.servers import (
+    ROOT,
+    Gunicorn,
+    ServerProcess,
+    free_port,
+    request_log_lines,
+    send_all_at_once,
+)
 
 DAILY_LIMIT = 30
 SENDS = 80
@@ -51,53 +55,25 @@ def render_nginx_conf(upstream_ports: list[int], listen_port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-class Nginx:
+class Nginx(ServerProcess):
     """``nginx -p <dir>/ -c <dir>/nginx.conf -g 'daemon off;'`` as a child process."""
 
     def __init__(self, directory: Path, upstream_ports: list[int]):
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         # Workers drop root privileges to "nobody"; they must reach the temp dirs.
         directory.chmod(0o755)
-        (directory / "nginx.conf").write_text(render_nginx_conf(upstream_ports, self.port))
-        self.log_path = directory / "nginx.log"
-        self.process = None
-
-    def start(self) -> Nginx:
-        self._log_file = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
+        (directory / "nginx.conf").write_text(render_nginx_conf(upstream_ports, port))
+        super().__init__(
             [
                 shutil.which("nginx"),
-                "-p", f"{self.directory}/",
-                "-c", f"{self.directory}/nginx.conf",
+                "-p", f"{directory}/",
+                "-c", f"{directory}/nginx.conf",
                 "-g", "daemon off;",
             ],
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            port=port,
+            log_path=directory / "nginx.log",
+            name="nginx",
         )
-        try:
-            wait_until_up(f"{self.url}/health", 20, self.process)
-        except RuntimeError:
-            self.stop()
-            raise RuntimeError(f"nginx failed to start:\n{self.log()}") from None
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        if getattr(self, "_log_file", None):
-            self._log_file.close()
-            self._log_file = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +105,7 @@ def nginx(instances, tmp_path_factory):
         pytest.skip("nginx is not installed")
     proxy = Nginx(tmp_path_factory.mktemp("nginx"), [server.port for server in instances])
     try:
-        yield proxy.start()
+        yield proxy.start(timeout=20)
     finally:
         proxy.stop()
 
@@ -142,25 +118,11 @@ def entry_urls(request, instances):
     return [server.url for server in instances]
 
 
-
-def send_all_at_once(urls: list[str], telegram_id: int, count: int) -> list[tuple[int, dict]]:
-    """``count`` sends for one user, released together by a barrier, spread over ``urls``."""
-    barrier = threading.Barrier(count)
-
-    def one(index: int):
-        barrier.wait(timeout=30)
-        return post_send(urls[index % len(urls)], telegram_id)
-
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(one, range(count)))
-
-
-
 @pytest.fixture
 def eighty_at_once(entry_urls, fake_llm):
     """80 simultaneous sends for one user against DAILY_LIMIT=30."""
     fake_llm.latency = 0.2  # keep the answered requests in flight together
-    return send_all_at_once(entry_urls, USER, SENDS)
+    return send_all_at_once([(entry_urls[i % len(entry_urls)], USER) for i in range(SENDS)])
 
 
 # --- the quota across instances --------------------------------------------------
@@ -185,11 +147,7 @@ def test_two_instances_refuse_the_rest_with_daily_limit_exceeded(eighty_at_once)
 def test_two_instances_count_store_and_call_the_llm_once_per_answer(
     eighty_at_once, sql, fake_llm
 ):
-    counter = sql("SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (USER,))
-    rows = sql("SELECT count(*) FROM ai_chat_requests WHERE telegram_id = %s", (USER,))
-    assert counter == [(DAILY_LIMIT,)]
-    assert rows == [(DAILY_LIMIT,)]
-    assert fake_llm.calls == DAILY_LIMIT
+    assert_counted_stored_and_called(sql, fake_llm, DAILY_LIMIT, telegram_id=USER)
 
 
 # --- nginx in front ------------------------------------------------------------------
@@ -197,7 +155,7 @@ def test_two_instances_count_store_and_call_the_llm_once_per_answer(
 
 def test_nginx_spreads_sends_over_both_instances(nginx, instances, fake_llm):
     before = [len(request_log_lines(server.log())) for server in instances]
-    results = send_all_at_once([nginx.url], USER, 20)
+    results = send_all_at_once([(nginx.url, USER)] * 20)
     assert Counter(code for code, _ in results) == {200: 20}
     served = [
         [line for line in request_log_lines(server.log())[count:]

@@ -14,7 +14,6 @@ of a message or answer, nor a key.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections import Counter
@@ -28,15 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import API_KEY, base_env
 from tests.fake_llm import delay, ok, status
-from tests.servers import Gunicorn, free_port, request_log_lines
+from tests.servers import Gunicorn, free_port, post_send, request_log_lines
 
 SEND = "/v1/chat/send"
+MESSAGE = "Как снизить возвраты?"
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 PHASES = ("quota", "context", "llm", "save", "total")
 
 
 # --- metrics under gunicorn: one run, many checks ----------------------------------
-
 
 
 @dataclass
@@ -60,16 +59,6 @@ class Traffic:
             if sample.name == sample_name
             and all(sample.labels.get(key) == value for key, value in labels.items())
         )
-
-
-def post_send(base_url: str, telegram_id: int, request_id: str) -> requests.Response:
-    """A send on a fresh connection, so the kernel may hand it to either worker."""
-    return requests.post(
-        f"{base_url}{SEND}",
-        json={"telegram_id": telegram_id, "message": "Как снизить возвраты?"},
-        headers={"X-API-KEY": API_KEY, "X-Request-ID": request_id, "Connection": "close"},
-        timeout=30,
-    )
 
 
 def sends_by_worker(metrics_dir: Path, master_pid: int, scratch: Path) -> dict[int, float]:
@@ -119,11 +108,15 @@ def traffic(database_url, _fake_llm_server, tmp_path_factory) -> Traffic:
     with server:
         for number, telegram_id in enumerate(plan):
             request_id = f"obs-{number}"
-            response = post_send(server.url, telegram_id, request_id)
-            seen.statuses[response.status_code] += 1
-            seen.sent[request_id] = response.status_code
-            if response.status_code == 200:
-                seen.tokens += response.json()["tokens_used"]
+            # A fresh connection each time, so the kernel may hand it to either worker.
+            code, body = post_send(
+                server.url, telegram_id, MESSAGE,
+                headers={"X-Request-ID": request_id, "Connection": "close"},
+            )
+            seen.statuses[code] += 1
+            seen.sent[request_id] = code
+            if code == 200:
+                seen.tokens += body["tokens_used"]
         scrape = requests.get(f"{server.url}/metrics", timeout=10)
         assert scrape.status_code == 200
         seen.exposition = scrape.text
@@ -248,8 +241,7 @@ def test_metric_names_follow_prometheus_conventions(traffic):
 
 
 def test_every_send_left_exactly_one_json_log_line_under_gunicorn(traffic):
-    lines = [json.loads(line) for line in traffic.log.splitlines() if line.startswith("{")]
-    request_lines = [line for line in lines if line.get("logger") == "ai_chat.request"]
+    request_lines = request_log_lines(traffic.log)
     logged = Counter(line["request_id"] for line in request_lines if line["path"] == SEND)
     assert logged == Counter(traffic.sent.keys())
     statuses = {line["request_id"]: line["status"] for line in request_lines}
@@ -258,7 +250,7 @@ def test_every_send_left_exactly_one_json_log_line_under_gunicorn(traffic):
 
 def test_gunicorn_log_never_contains_the_message_text(traffic):
     assert traffic.log
-    assert "Как снизить возвраты?" not in traffic.log
+    assert MESSAGE not in traffic.log
     assert API_KEY not in traffic.log
 
 
@@ -283,20 +275,12 @@ def request_lines(capsys) -> list[dict]:
 
 
 @pytest.fixture
-def logged_app(make_app):
-    return make_app(LOG_LEVEL="INFO")
+def logged_api(make_api):
+    return make_api(LOG_LEVEL="INFO")
 
 
-def send(app, headers=None, telegram_id=1, message="Как поднять продажи?", **fields):
-    return app.test_client().post(
-        SEND,
-        json={"telegram_id": telegram_id, "message": message, **fields},
-        headers={"X-API-KEY": API_KEY, **(headers or {})},
-    )
-
-
-def test_send_echoes_the_given_request_id_in_header_and_log(logged_app, capsys):
-    response = send(logged_app, headers={"X-Request-ID": "abc-123"})
+def test_send_echoes_the_given_request_id_in_header_and_log(logged_api, capsys):
+    response = logged_api.send(headers={"X-Request-ID": "abc-123"})
 
     assert response.status_code == 200
     assert response.headers["X-Request-ID"] == "abc-123"
@@ -304,10 +288,10 @@ def test_send_echoes_the_given_request_id_in_header_and_log(logged_app, capsys):
     assert line["request_id"] == "abc-123"
 
 
-def test_answered_send_log_line_has_the_request_fields(logged_app, fake_llm, capsys):
+def test_answered_send_log_line_has_the_request_fields(logged_api, fake_llm, capsys):
     fake_llm.script(ok("Ответ", tokens=77))
 
-    response = send(logged_app, telegram_id=42, headers={"X-Request-ID": "abc-123"})
+    response = logged_api.send(telegram_id=42, headers={"X-Request-ID": "abc-123"})
 
     assert response.status_code == 200
     [line] = request_lines(capsys)
@@ -335,10 +319,10 @@ def test_answered_send_log_line_has_the_request_fields(logged_app, fake_llm, cap
     [None, "has spaces in it", "x" * 200, "semi;colon", ""],
     ids=["none", "spaces", "200 chars", "semicolon", "empty"],
 )
-def test_request_id_is_generated_when_missing_or_invalid(logged_app, capsys, given):
+def test_request_id_is_generated_when_missing_or_invalid(logged_api, capsys, given):
     headers = {} if given is None else {"X-Request-ID": given}
 
-    response = send(logged_app, headers=headers)
+    response = logged_api.send(headers=headers)
 
     generated = response.headers["X-Request-ID"]
     assert generated != given
@@ -347,15 +331,15 @@ def test_request_id_is_generated_when_missing_or_invalid(logged_app, capsys, giv
     assert line["request_id"] == generated
 
 
-def test_generated_request_ids_differ_between_requests(logged_app, capsys):
-    first = send(logged_app).headers["X-Request-ID"]
-    second = send(logged_app).headers["X-Request-ID"]
+def test_generated_request_ids_differ_between_requests(logged_api, capsys):
+    first = logged_api.send().headers["X-Request-ID"]
+    second = logged_api.send().headers["X-Request-ID"]
 
     assert first != second
     assert [line["request_id"] for line in request_lines(capsys)] == [first, second]
 
 
-def test_log_never_contains_the_message_the_answer_or_a_key(make_app, fake_llm, capsys):
+def test_log_never_contains_the_message_the_answer_or_a_key(make_api, fake_llm, capsys):
     secrets = {
         "message": "Мой секретный вопрос про поставки 9137",
         "answer": "Секретный ответ ассистента 5521",
@@ -363,10 +347,10 @@ def test_log_never_contains_the_message_the_answer_or_a_key(make_app, fake_llm, 
         "api key": API_KEY,
         "llm key": "sk-llm-secret-4410",
     }
-    app = make_app(LOG_LEVEL="INFO", OPENAI_API_KEY=secrets["llm key"])
+    api = make_api(LOG_LEVEL="INFO", OPENAI_API_KEY=secrets["llm key"])
     fake_llm.script(ok(secrets["answer"], tokens=5))
 
-    response = send(app, message=secrets["message"], user_context=secrets["user_context"])
+    response = api.send(message=secrets["message"], user_context=secrets["user_context"])
 
     assert response.status_code == 200
     captured = capsys.readouterr()
@@ -375,11 +359,11 @@ def test_log_never_contains_the_message_the_answer_or_a_key(make_app, fake_llm, 
     assert [name for name, secret in secrets.items() if secret in output] == []
 
 
-def test_limit_exceeded_line_has_outcome_limit_exceeded(make_app, capsys):
-    app = make_app(LOG_LEVEL="INFO", DAILY_LIMIT="1")
-    assert send(app).status_code == 200
+def test_limit_exceeded_line_has_outcome_limit_exceeded(make_api, capsys):
+    api = make_api(LOG_LEVEL="INFO", DAILY_LIMIT="1")
+    assert api.send().status_code == 200
 
-    response = send(app)
+    response = api.send()
 
     assert response.status_code == 429
     line = request_lines(capsys)[-1]
@@ -391,11 +375,11 @@ def test_limit_exceeded_line_has_outcome_limit_exceeded(make_app, capsys):
     [(status(400), 502, "llm_unavailable"), (delay(1.0), 504, "llm_timeout")],
     ids=["llm_unavailable", "llm_timeout"],
 )
-def test_llm_failure_line_names_the_failure(make_app, fake_llm, capsys, step, status_code, outcome):
-    app = make_app(LOG_LEVEL="INFO", OPENAI_TIMEOUT="0.3", OPENAI_MAX_RETRIES="0")
+def test_llm_failure_line_names_the_failure(make_api, fake_llm, capsys, step, status_code, outcome):
+    api = make_api(LOG_LEVEL="INFO", OPENAI_TIMEOUT="0.3", OPENAI_MAX_RETRIES="0")
     fake_llm.script(step)
 
-    response = send(app)
+    response = api.send()
 
     assert response.status_code == status_code
     [line] = request_lines(capsys)
@@ -413,9 +397,9 @@ def test_llm_failure_line_names_the_failure(make_app, fake_llm, capsys, step, st
     ],
     ids=["health", "limits", "forbidden", "unknown path"],
 )
-def test_every_request_leaves_one_line(logged_app, capsys, method, path, headers, status_code,
+def test_every_request_leaves_one_line(logged_api, capsys, method, path, headers, status_code,
                                        outcome):
-    response = logged_app.test_client().open(path, method=method, headers=headers)
+    response = logged_api.client.open(path, method=method, headers=headers)
 
     assert response.status_code == status_code
     [line] = request_lines(capsys)
@@ -424,18 +408,18 @@ def test_every_request_leaves_one_line(logged_app, capsys, method, path, headers
     )
 
 
-def test_no_request_lines_below_info(make_app, capsys):
-    app = make_app(LOG_LEVEL="WARNING")
+def test_no_request_lines_below_info(make_api, capsys):
+    api = make_api(LOG_LEVEL="WARNING")
 
-    assert send(app).status_code == 200
+    assert api.send().status_code == 200
 
     assert request_lines(capsys) == []
 
 
-def test_text_format_gives_a_human_line_with_the_request_fields(make_app, capsys):
-    app = make_app(LOG_LEVEL="INFO", LOG_FORMAT="text")
+def test_text_format_gives_a_human_line_with_the_request_fields(make_api, capsys):
+    api = make_api(LOG_LEVEL="INFO", LOG_FORMAT="text")
 
-    response = send(app, headers={"X-Request-ID": "abc-123"})
+    response = api.send(headers={"X-Request-ID": "abc-123"})
 
     assert response.status_code == 200
     lines = [line for line in capsys.readouterr().out.splitlines() if "ai_chat.request" in line]

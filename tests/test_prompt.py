@@ -9,17 +9,12 @@ import re
 
 import pytest
 
-from tests.conftest import Api
 from tests.fake_llm import ok
 
 CYRILLIC_WORDS = re.compile(r"[А-Яа-яЁё]{3,}")
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def api_for(app) -> Api:
-    return Api(app.test_client())
 
 
 def last_body(fake_llm) -> dict:
@@ -59,9 +54,9 @@ def sized_exchange(number: int, message_chars: int = 10, response_chars: int = 1
 # --- model settings ---------------------------------------------------------------
 
 
-def test_model_settings_default_to_the_contract_values(make_app, fake_llm):
+def test_model_settings_default_to_the_contract_values(make_api, fake_llm):
     # Empty values mean "unset", whatever the process environment holds.
-    api = api_for(make_app(OPENAI_MODEL="", OPENAI_TEMPERATURE="", OPENAI_MAX_TOKENS=""))
+    api = make_api(OPENAI_MODEL="", OPENAI_TEMPERATURE="", OPENAI_MAX_TOKENS="")
 
     assert api.send().status_code == 200
 
@@ -71,10 +66,8 @@ def test_model_settings_default_to_the_contract_values(make_app, fake_llm):
     assert body["max_tokens"] == 1000
 
 
-def test_model_settings_come_from_config(make_app, fake_llm):
-    api = api_for(
-        make_app(OPENAI_MODEL="local-llama", OPENAI_TEMPERATURE="0.2", OPENAI_MAX_TOKENS="321")
-    )
+def test_model_settings_come_from_config(make_api, fake_llm):
+    api = make_api(OPENAI_MODEL="local-llama", OPENAI_TEMPERATURE="0.2", OPENAI_MAX_TOKENS="321")
 
     assert api.send().status_code == 200
 
@@ -157,8 +150,8 @@ def test_past_exchanges_come_oldest_first_as_user_assistant_pairs(api, fake_llm)
     assert messages[1:] == [*pairs(exchanges), {"role": "user", "content": "вопрос 4"}]
 
 
-def test_only_the_last_context_messages_exchanges_are_sent(make_app, fake_llm):
-    api = api_for(make_app(CONTEXT_MESSAGES="3"))
+def test_only_the_last_context_messages_exchanges_are_sent(make_api, fake_llm):
+    api = make_api(CONTEXT_MESSAGES="3")
     exchanges = [(f"вопрос {n}", f"ответ {n}") for n in range(1, 6)]
     for message, response in exchanges:
         answer(api, fake_llm, message, response)
@@ -168,8 +161,8 @@ def test_only_the_last_context_messages_exchanges_are_sent(make_app, fake_llm):
     assert past_messages(fake_llm) == pairs(exchanges[-3:])
 
 
-def test_context_messages_zero_sends_no_history(make_app, fake_llm):
-    api = api_for(make_app(CONTEXT_MESSAGES="0"))
+def test_context_messages_zero_sends_no_history(make_api, fake_llm):
+    api = make_api(CONTEXT_MESSAGES="0")
     answer(api, fake_llm, "вопрос 1", "ответ 1")
     answer(api, fake_llm, "вопрос 2", "ответ 2")
 
@@ -192,9 +185,9 @@ def test_context_messages_zero_sends_no_history(make_app, fake_llm):
     ],
 )
 def test_oldest_exchanges_are_dropped_to_fit_context_max_chars(
-    make_app, fake_llm, max_chars, kept
+    make_api, fake_llm, max_chars, kept
 ):
-    api = api_for(make_app(CONTEXT_MAX_CHARS=max_chars))
+    api = make_api(CONTEXT_MAX_CHARS=max_chars)
     exchanges = [sized_exchange(n) for n in range(1, 5)]  # 20 characters each
     for message, response in exchanges:
         answer(api, fake_llm, message, response)
@@ -206,8 +199,8 @@ def test_oldest_exchanges_are_dropped_to_fit_context_max_chars(
     assert sum(len(message["content"]) for message in included) <= int(max_chars)
 
 
-def test_huge_new_message_is_never_cut(make_app, fake_llm):
-    api = api_for(make_app(CONTEXT_MAX_CHARS="50"))
+def test_huge_new_message_is_never_cut(make_api, fake_llm):
+    api = make_api(CONTEXT_MAX_CHARS="50")
     for number in (1, 2):
         answer(api, fake_llm, *sized_exchange(number))
     huge = "Большой вопрос. " * 250  # 4000 characters
@@ -219,8 +212,8 @@ def test_huge_new_message_is_never_cut(make_app, fake_llm):
     assert sum(len(message["content"]) for message in past_messages(fake_llm)) <= 50
 
 
-def test_oversized_exchange_drops_everything_older(make_app, fake_llm):
-    api = api_for(make_app(CONTEXT_MAX_CHARS="50"))
+def test_oversized_exchange_drops_everything_older(make_api, fake_llm):
+    api = make_api(CONTEXT_MAX_CHARS="50")
     oldest = sized_exchange(1)
     oversized = sized_exchange(2, response_chars=200)
     newest = sized_exchange(3)

@@ -18,9 +18,14 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.conftest import API_KEY, served
+from tests.conftest import (
+    assert_counted_stored_and_called,
+    exchange_count,
+    request_count,
+    served,
+)
 from tests.fake_llm import ok, status
-from tests.servers import post_send
+from tests.servers import post_send, send_all_at_once
 
 
 @pytest.fixture
@@ -28,31 +33,6 @@ def serve():
     """Put apps on their own threaded werkzeug servers: ``serve(app)`` → base URL."""
     with ExitStack() as stack:
         yield lambda app: stack.enter_context(served(app))
-
-
-
-def send_all_at_once(targets: list[tuple[str, int]]) -> list[tuple[int, dict]]:
-    """Send one request per (base URL, telegram_id), all released by one barrier."""
-    barrier = threading.Barrier(len(targets))
-
-    def one(target):
-        base_url, telegram_id = target
-        barrier.wait(timeout=30)
-        return post_send(base_url, telegram_id)
-
-    with ThreadPoolExecutor(max_workers=len(targets)) as pool:
-        return list(pool.map(one, targets))
-
-
-def counter_of(sql, telegram_id: int):
-    rows = sql(
-        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
-    )
-    return rows[0][0] if rows else None
-
-
-def rows_of(sql, telegram_id: int) -> int:
-    return sql("SELECT count(*) FROM ai_chat_requests WHERE telegram_id = %s", (telegram_id,))[0][0]
 
 
 # --- one user, one instance ----------------------------------------------------
@@ -85,9 +65,7 @@ def test_concurrent_sends_report_each_remaining_count_once(eighty_at_once):
 def test_concurrent_sends_count_store_and_call_the_llm_once_per_answer(
     eighty_at_once, sql, fake_llm
 ):
-    assert counter_of(sql, 500) == 30
-    assert rows_of(sql, 500) == 30
-    assert fake_llm.calls == 30
+    assert_counted_stored_and_called(sql, fake_llm, 30, telegram_id=500)
 
 
 # --- many new users at once (the INSERT path of the upsert) ---------------------
@@ -151,7 +129,7 @@ def sends_with_failures(make_app, serve, fake_llm, sql):
 
     def watch():
         while not done.is_set():
-            seen.append(counter_of(sql, REFUND_USER) or 0)
+            seen.append(request_count(sql, REFUND_USER))
             time.sleep(0.002)
 
     watcher = threading.Thread(target=watch)
@@ -184,8 +162,8 @@ def test_concurrent_refunds_keep_counter_rows_and_answers_equal(
 ):
     answers = sum(1 for code, _ in sends_with_failures["results"] if code == 200)
     failures = sum(1 for code, _ in sends_with_failures["results"] if code == 502)
-    assert counter_of(sql, REFUND_USER) == answers
-    assert rows_of(sql, REFUND_USER) == answers
+    assert request_count(sql, REFUND_USER) == answers
+    assert exchange_count(sql, REFUND_USER) == answers
     assert fake_llm.outcomes.count("ok") == answers
     assert fake_llm.outcomes.count("status:500") == failures
     assert fake_llm.calls == answers + failures
@@ -198,12 +176,9 @@ def test_concurrent_refunds_never_push_the_counter_over_the_limit(sends_with_fai
     assert max(sends_with_failures["seen"]) <= REFUND_LIMIT
 
 
-def test_limits_after_concurrent_refunds_match_the_answers(sends_with_failures, make_app):
+def test_limits_after_concurrent_refunds_match_the_answers(sends_with_failures, make_api):
     answers = sum(1 for code, _ in sends_with_failures["results"] if code == 200)
-    app = make_app(DAILY_LIMIT=str(REFUND_LIMIT))
-    body = app.test_client().get(
-        f"/v1/chat/limits/{REFUND_USER}", headers={"X-API-KEY": API_KEY}
-    ).get_json()
+    body = make_api(DAILY_LIMIT=str(REFUND_LIMIT)).limits(REFUND_USER).get_json()
     assert body["requests_today"] == answers
     assert body["requests_remaining"] == REFUND_LIMIT - answers
 
@@ -231,6 +206,4 @@ def test_two_instances_together_give_exactly_the_daily_limit(two_instances_at_on
 def test_two_instances_count_store_and_call_the_llm_once_per_answer(
     two_instances_at_once, sql, fake_llm
 ):
-    assert counter_of(sql, 900) == 30
-    assert rows_of(sql, 900) == 30
-    assert fake_llm.calls == 30
+    assert_counted_stored_and_called(sql, fake_llm, 30, telegram_id=900)

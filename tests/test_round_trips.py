@@ -55,7 +55,7 @@ class SqlCounter:
 
 @pytest.fixture
 def counted(make_app):
-    """An app whose engine reports to a ``SqlCounter``: yields (app, api, counter)."""
+    """Builds an app whose engine reports to a ``SqlCounter``: ``counted()`` → (api, counter)."""
     apps = {}
 
     def build(**overrides):
@@ -66,7 +66,7 @@ def counted(make_app):
         event.listen(engine, "before_cursor_execute", counter.on_statement)
         event.listen(engine, "begin", counter.on_begin)
         apps[engine] = counter
-        return app, Api(app.test_client()), counter
+        return Api(app.test_client()), counter
 
     yield build
     for engine, counter in apps.items():
@@ -84,7 +84,7 @@ def warm_up(api, telegram_id: int = 999) -> None:
 
 @pytest.mark.parametrize("past_sends", [0, 3], ids=["new_user", "existing_user"])
 def test_answered_send_takes_at_most_three_statements(counted, fake_llm, sql, past_sends):
-    app, api, counter = counted()
+    api, counter = counted()
     warm_up(api)
     for number in range(past_sends):
         assert api.send(telegram_id=7, message=f"Вопрос {number}").status_code == 200
@@ -102,7 +102,7 @@ def test_answered_send_takes_at_most_three_statements(counted, fake_llm, sql, pa
 
 
 def test_answered_send_takes_at_most_two_transactions(counted):
-    app, api, counter = counted()
+    api, counter = counted()
     warm_up(api)
     counter.reset()
 
@@ -114,7 +114,7 @@ def test_answered_send_takes_at_most_two_transactions(counted):
 
 
 def test_answered_send_statements_are_reserve_context_and_save(counted):
-    app, api, counter = counted()
+    api, counter = counted()
     warm_up(api)
     counter.reset()
 
@@ -129,7 +129,7 @@ def test_answered_send_statements_are_reserve_context_and_save(counted):
 
 
 def test_send_over_the_daily_limit_takes_one_statement(counted, sql):
-    app, api, counter = counted(DAILY_LIMIT="1")
+    api, counter = counted(DAILY_LIMIT="1")
     assert api.send(telegram_id=7).status_code == 200
     counter.reset()
 
@@ -142,7 +142,7 @@ def test_send_over_the_daily_limit_takes_one_statement(counted, sql):
 
 
 def test_failed_send_takes_three_statements_reserve_context_refund(counted, fake_llm, sql):
-    app, api, counter = counted(OPENAI_MAX_RETRIES="0")
+    api, counter = counted(OPENAI_MAX_RETRIES="0")
     warm_up(api)
     fake_llm.script(status(500))
     counter.reset()
@@ -161,7 +161,7 @@ def test_failed_send_takes_three_statements_reserve_context_refund(counted, fake
 
 
 def test_failed_send_costs_no_extra_statement_per_llm_retry(counted, fake_llm):
-    app, api, counter = counted(OPENAI_MAX_RETRIES="2", OPENAI_RETRY_BASE_DELAY="0")
+    api, counter = counted(OPENAI_MAX_RETRIES="2", OPENAI_RETRY_BASE_DELAY="0")
     warm_up(api)
     fake_llm.script(status(500), status(503), status(500))
     counter.reset()
@@ -177,7 +177,7 @@ def test_failed_send_costs_no_extra_statement_per_llm_retry(counted, fake_llm):
 
 
 def test_answered_send_with_request_id_takes_at_most_five_statements(counted):
-    app, api, counter = counted()
+    api, counter = counted()
     warm_up(api)
     counter.reset()
 
@@ -189,7 +189,7 @@ def test_answered_send_with_request_id_takes_at_most_five_statements(counted):
 
 
 def test_replayed_send_takes_at_most_three_statements_and_no_llm_call(counted, fake_llm):
-    app, api, counter = counted()
+    api, counter = counted()
     fake_llm.script(ok("Сохранённый ответ"))
     first = api.send(telegram_id=7, request_id="r-1")
     assert first.status_code == 200

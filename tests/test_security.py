@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import API_KEY, Api
+from tests.conftest import API_KEY
 from tests.fake_llm import ok
+from tests.servers import free_port, request_log_lines
 
 OPENAI_KEY = "sk-test-secret-123"
 UPSTREAM_SECRET = "secret upstream detail"
@@ -84,12 +84,6 @@ def failing_insert(sql):
     sql("ALTER TABLE ai_chat_requests DROP CONSTRAINT IF EXISTS security_test_refuse")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # --- API keys -------------------------------------------------------------------
 
 
@@ -125,30 +119,6 @@ def test_near_miss_api_keys_are_forbidden(client, key):
         assert key not in response.get_data(as_text=True)
 
 
-def test_missing_api_key_is_forbidden(client):
-    response = client.get("/v1/chat/limits/1")
-
-    assert response.status_code == 403
-    assert response.get_json()["error"] == "forbidden"
-
-
-@pytest.mark.parametrize("key", ["old-key", "new-key", "newest-key"])
-def test_each_rotated_key_is_accepted(make_app, key):
-    client = make_app(API_SECRET_KEY="old-key, new-key ,newest-key").test_client()
-
-    response = client.get("/v1/chat/limits/1", headers={"X-API-KEY": key})
-
-    assert response.status_code == 200
-
-
-def test_rotated_key_list_itself_is_not_a_key(make_app):
-    client = make_app(API_SECRET_KEY="old-key,new-key").test_client()
-
-    response = client.get("/v1/chat/limits/1", headers={"X-API-KEY": "old-key,new-key"})
-
-    assert response.status_code == 403
-
-
 # --- logs -----------------------------------------------------------------------
 
 
@@ -161,18 +131,17 @@ def captured_logs(capsys, caplog) -> tuple[str, list[dict]]:
     ]
     formatted = [record.getMessage() for record in caplog.records]
     text = "\n".join([out, err, caplog.text, *records, *formatted])
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return text, [line for line in lines if line.get("message") == "request"]
+    return text, request_log_lines(out)
 
 
 @pytest.fixture
-def logged_app(make_app, caplog):
-    """An app logging at INFO, with every record captured down to DEBUG."""
+def logged_api(make_api, caplog):
+    """Builds an ``Api`` on an app logging at INFO, every record captured down to DEBUG."""
 
     def build(**overrides):
-        app = make_app(LOG_LEVEL="INFO", OPENAI_API_KEY=OPENAI_KEY, **overrides)
+        api = make_api(LOG_LEVEL="INFO", OPENAI_API_KEY=OPENAI_KEY, **overrides)
         caplog.set_level(logging.DEBUG)
-        return app
+        return api
 
     return build
 
@@ -182,8 +151,8 @@ def assert_not_in_logs(logs: str, *secrets: str) -> None:
         assert secret not in logs, f"{secret!r} was logged"
 
 
-def test_successful_send_logs_no_text_or_keys(logged_app, fake_llm, capsys, caplog):
-    api = Api(logged_app().test_client())
+def test_successful_send_logs_no_text_or_keys(logged_api, fake_llm, capsys, caplog):
+    api = logged_api()
     fake_llm.script(ok("Секретный ответ модели 5521"))
 
     response = api.send(message="Мой секретный вопрос 8812")
@@ -196,10 +165,10 @@ def test_successful_send_logs_no_text_or_keys(logged_app, fake_llm, capsys, capl
 
 
 def test_failed_send_logs_no_text_keys_or_upstream_body(
-    logged_app, leaky_upstream, capsys, caplog
+    logged_api, leaky_upstream, capsys, caplog
 ):
     upstream, url = leaky_upstream(500)
-    api = Api(logged_app(OPENAI_BASE_URL=url).test_client())
+    api = logged_api(OPENAI_BASE_URL=url)
 
     response = api.send(message="Мой секретный вопрос 8812")
 
@@ -211,13 +180,9 @@ def test_failed_send_logs_no_text_keys_or_upstream_body(
     assert_not_in_logs(logs, UPSTREAM_SECRET, "sk-live-upstream-999")
 
 
-def test_forbidden_request_does_not_log_the_wrong_key(logged_app, capsys, caplog):
-    client = logged_app().test_client()
-
-    response = client.post(
-        "/v1/chat/send",
-        json={"telegram_id": 1, "message": "Мой секретный вопрос 8812"},
-        headers={"X-API-KEY": "wrong-key-77341"},
+def test_forbidden_request_does_not_log_the_wrong_key(logged_api, capsys, caplog):
+    response = logged_api().send(
+        message="Мой секретный вопрос 8812", headers={"X-API-KEY": "wrong-key-77341"}
     )
 
     assert response.status_code == 403
@@ -227,9 +192,9 @@ def test_forbidden_request_does_not_log_the_wrong_key(logged_app, capsys, caplog
 
 
 def test_internal_error_logs_no_text_or_keys(
-    logged_app, fake_llm, failing_insert, capsys, caplog
+    logged_api, fake_llm, failing_insert, capsys, caplog
 ):
-    api = Api(logged_app().test_client())
+    api = logged_api()
     fake_llm.script(ok("Секретный ответ модели 5521"))
 
     response = api.send(message=f"Мой секретный вопрос 8812 {failing_insert}")
@@ -245,9 +210,9 @@ def test_internal_error_logs_no_text_or_keys(
 
 
 @pytest.mark.parametrize("upstream_status", [400, 500])
-def test_llm_error_detail_never_reaches_the_client(make_app, leaky_upstream, upstream_status):
+def test_llm_error_detail_never_reaches_the_client(make_api, leaky_upstream, upstream_status):
     _, url = leaky_upstream(upstream_status)
-    api = Api(make_app(OPENAI_BASE_URL=url).test_client())
+    api = make_api(OPENAI_BASE_URL=url)
 
     response = api.send()
 
@@ -259,9 +224,9 @@ def test_llm_error_detail_never_reaches_the_client(make_app, leaky_upstream, ups
     assert "sk-live-upstream-999" not in text
 
 
-def test_database_outage_answers_without_driver_text(make_app, fake_llm):
-    url = f"postgresql://postgres@127.0.0.1:{closed_port()}/ai_chat"
-    api = Api(make_app(DATABASE_URL=url).test_client())
+def test_database_outage_answers_without_driver_text(make_api, fake_llm):
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/ai_chat"
+    api = make_api(DATABASE_URL=url)
 
     response = api.send()
 
@@ -274,9 +239,7 @@ def test_database_outage_answers_without_driver_text(make_app, fake_llm):
     assert fake_llm.calls == 0
 
 
-def test_internal_error_body_carries_only_code_message_and_request_id(
-    api, fake_llm, failing_insert
-):
+def test_internal_error_body_carries_only_code_message_and_request_id(api, failing_insert):
     response = api.send(message=f"Вопрос {failing_insert}")
 
     assert response.status_code == 500
@@ -305,8 +268,8 @@ def test_body_over_max_content_length_is_refused_with_413(api, fake_llm, sql):
 # --- what the LLM receives ------------------------------------------------------
 
 
-def test_llm_gets_the_openai_key_and_never_our_api_key(make_app, fake_llm):
-    api = Api(make_app(OPENAI_API_KEY=OPENAI_KEY).test_client())
+def test_llm_gets_the_openai_key_and_never_our_api_key(make_api, fake_llm):
+    api = make_api(OPENAI_API_KEY=OPENAI_KEY)
 
     assert api.send().status_code == 200
 

@@ -9,36 +9,17 @@ Everything goes through the real HTTP surface, real PostgreSQL (read back with
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 import pytest
 
-from tests.conftest import Api
+from tests.conftest import Api, freeze_app, request_count
 from tests.fake_llm import delay, drop, garbage, ok, status
 
 CYRILLIC = re.compile(r"[А-Яа-яЁё]{3,}")
 
 
 # --- helpers -------------------------------------------------------------------
-
-
-def api_for(app) -> Api:
-    return Api(app.test_client())
-
-
-def pin_clock(app, moment: str) -> datetime:
-    """Pin the service clock of an app built with ``make_app``."""
-    now = datetime.fromisoformat(moment)
-    app.config["CLOCK"] = lambda: now.astimezone(UTC)
-    return now
-
-
-def counter(sql, telegram_id: int = 1) -> int:
-    """The user's request_count, 0 when there is no counter row."""
-    rows = sql(
-        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
-    )
-    return rows[0][0] if rows else 0
 
 
 def stored_rows(sql, telegram_id: int = 1) -> list[tuple]:
@@ -74,7 +55,7 @@ def test_send_answers_with_response_tokens_and_remaining(api, fake_llm):
     assert type(body["response"]) is str
 
 
-def test_remaining_requests_is_limit_minus_answers_given(api, fake_llm):
+def test_remaining_requests_is_limit_minus_answers_given(api):
     remaining = [api.send(telegram_id=7).get_json()["remaining_requests"] for _ in range(3)]
 
     assert remaining == [29, 28, 27]
@@ -97,7 +78,7 @@ def test_send_stores_the_exchange_with_moscow_request_date(api, fake_llm, sql, f
     ]
 
 
-def test_send_counts_the_answer_in_daily_limits(api, fake_llm, sql, freeze):
+def test_send_counts_the_answer_in_daily_limits(api, sql, freeze):
     freeze("2026-03-01T22:30:00+00:00")
 
     api.send(telegram_id=77)
@@ -108,7 +89,7 @@ def test_send_counts_the_answer_in_daily_limits(api, fake_llm, sql, freeze):
     ) == [(77, 2, date(2026, 3, 2))]
 
 
-def test_send_carries_ratelimit_headers(api, fake_llm, freeze):
+def test_send_carries_ratelimit_headers(api, freeze):
     # 12:00 in Moscow: 12 hours until the local midnight.
     freeze("2026-03-01T12:00:00+03:00")
 
@@ -119,7 +100,7 @@ def test_send_carries_ratelimit_headers(api, fake_llm, freeze):
     assert response.headers["RateLimit"] == '"daily";r=29;t=43200'
 
 
-def test_ratelimit_t_counts_down_to_moscow_midnight_not_utc(api, fake_llm, freeze):
+def test_ratelimit_t_counts_down_to_moscow_midnight_not_utc(api, freeze):
     # 22:30 UTC = 01:30 Moscow; the Moscow day ends in 22 h 30 min.
     freeze("2026-03-01T22:30:00+00:00")
 
@@ -128,7 +109,7 @@ def test_ratelimit_t_counts_down_to_moscow_midnight_not_utc(api, fake_llm, freez
     assert response.headers["RateLimit"] == '"daily";r=29;t=81000'
 
 
-def test_send_reports_server_timing_per_phase(api, fake_llm):
+def test_send_reports_server_timing_per_phase(api):
     response = api.send()
 
     assert response.status_code == 200
@@ -145,10 +126,10 @@ def test_send_reports_server_timing_per_phase(api, fake_llm):
 
 @pytest.fixture
 def limited(make_app):
-    """An app with DAILY_LIMIT=2 and its clock at noon in Moscow."""
+    """An ``Api`` on an app with DAILY_LIMIT=2 and its clock at noon in Moscow."""
     app = make_app(DAILY_LIMIT="2")
-    pin_clock(app, "2026-03-01T12:00:00+03:00")
-    return app
+    freeze_app(app, "2026-03-01T12:00:00+03:00")
+    return Api(app.test_client())
 
 
 def exhaust(api, count: int = 2, telegram_id: int = 1) -> None:
@@ -156,11 +137,10 @@ def exhaust(api, count: int = 2, telegram_id: int = 1) -> None:
         assert api.send(telegram_id=telegram_id).status_code == 200
 
 
-def test_send_over_the_limit_answers_429_with_details(limited, fake_llm):
-    api = api_for(limited)
-    exhaust(api)
+def test_send_over_the_limit_answers_429_with_details(limited):
+    exhaust(limited)
 
-    response = api.send()
+    response = limited.send()
 
     assert response.status_code == 429
     body = response.get_json()
@@ -171,21 +151,19 @@ def test_send_over_the_limit_answers_429_with_details(limited, fake_llm):
     assert is_russian(body["message"])
 
 
-def test_429_reset_at_is_next_moscow_midnight(limited, fake_llm):
-    api = api_for(limited)
-    exhaust(api)
+def test_429_reset_at_is_next_moscow_midnight(limited):
+    exhaust(limited)
 
-    reset_at = api.send().get_json()["reset_at"]
+    reset_at = limited.send().get_json()["reset_at"]
 
     assert reset_at.endswith("+03:00")
     assert datetime.fromisoformat(reset_at) == datetime.fromisoformat("2026-03-02T00:00:00+03:00")
 
 
-def test_429_carries_retry_after_and_ratelimit_zero(limited, fake_llm):
-    api = api_for(limited)
-    exhaust(api)
+def test_429_carries_retry_after_and_ratelimit_zero(limited):
+    exhaust(limited)
 
-    response = api.send()
+    response = limited.send()
 
     assert response.headers["Retry-After"] == "43200"
     assert response.headers["RateLimit-Policy"] == '"daily";q=2;w=86400'
@@ -193,22 +171,20 @@ def test_429_carries_retry_after_and_ratelimit_zero(limited, fake_llm):
 
 
 def test_429_neither_calls_the_llm_nor_writes(limited, fake_llm, sql):
-    api = api_for(limited)
-    exhaust(api)
+    exhaust(limited)
     calls_before = fake_llm.calls
 
-    api.send(message="третий вопрос")
+    limited.send(message="третий вопрос")
 
     assert fake_llm.calls == calls_before
     assert len(stored_rows(sql)) == 2
-    assert counter(sql) == 2
+    assert request_count(sql) == 2
 
 
-def test_quota_is_per_user(limited, fake_llm):
-    api = api_for(limited)
-    exhaust(api, telegram_id=1)
+def test_quota_is_per_user(limited):
+    exhaust(limited, telegram_id=1)
 
-    response = api.send(telegram_id=2)
+    response = limited.send(telegram_id=2)
 
     assert response.status_code == 200
     assert response.get_json()["remaining_requests"] == 1
@@ -217,8 +193,8 @@ def test_quota_is_per_user(limited, fake_llm):
 # --- unlimited ------------------------------------------------------------------
 
 
-def test_unlimited_quota_answers_null_remaining(make_app, fake_llm):
-    api = api_for(make_app(DAILY_LIMIT="0"))
+def test_unlimited_quota_answers_null_remaining(make_api):
+    api = make_api(DAILY_LIMIT="0")
 
     body = api.send().get_json()
 
@@ -226,8 +202,8 @@ def test_unlimited_quota_answers_null_remaining(make_app, fake_llm):
     assert body["remaining_requests"] is None
 
 
-def test_unlimited_quota_sends_no_ratelimit_headers(make_app, fake_llm):
-    api = api_for(make_app(DAILY_LIMIT="0"))
+def test_unlimited_quota_sends_no_ratelimit_headers(make_api):
+    api = make_api(DAILY_LIMIT="0")
 
     response = api.send()
 
@@ -236,26 +212,26 @@ def test_unlimited_quota_sends_no_ratelimit_headers(make_app, fake_llm):
     assert "RateLimit-Policy" not in response.headers
 
 
-def test_unlimited_quota_still_counts_answers(make_app, fake_llm, sql):
-    api = api_for(make_app(DAILY_LIMIT="0"))
+def test_unlimited_quota_still_counts_answers(make_api, sql):
+    api = make_api(DAILY_LIMIT="0")
 
     for _ in range(3):
         assert api.send().status_code == 200
 
-    assert counter(sql) == 3
+    assert request_count(sql) == 3
 
 
 # --- the day turns ----------------------------------------------------------------
 
 
-def test_yesterdays_answers_do_not_count_today(make_app, fake_llm, sql):
+def test_yesterdays_answers_do_not_count_today(make_app, sql):
     app = make_app(DAILY_LIMIT="2")
-    api = api_for(app)
-    pin_clock(app, "2026-03-01T23:59:59+03:00")
+    api = Api(app.test_client())
+    freeze_app(app, "2026-03-01T23:59:59+03:00")
     exhaust(api)
     assert api.send().status_code == 429
 
-    pin_clock(app, "2026-03-02T00:00:01+03:00")
+    freeze_app(app, "2026-03-02T00:00:01+03:00")
     response = api.send()
 
     assert response.status_code == 200
@@ -265,30 +241,28 @@ def test_yesterdays_answers_do_not_count_today(make_app, fake_llm, sql):
     ]
 
 
-def test_moscow_day_turns_at_21_utc(make_app, fake_llm, sql):
-    app = make_app(DAILY_LIMIT="1")
-    api = api_for(app)
-
-    pin_clock(app, "2026-03-01T20:59:59+00:00")
+def send_at_20_59_59_and_21_00_utc(app) -> tuple[int, int]:
+    """The statuses of one send a second before 21:00 UTC and one at 21:00."""
+    api = Api(app.test_client())
+    freeze_app(app, "2026-03-01T20:59:59+00:00")
     first = api.send()
-    pin_clock(app, "2026-03-01T21:00:00+00:00")
+    freeze_app(app, "2026-03-01T21:00:00+00:00")
     second = api.send()
+    return first.status_code, second.status_code
 
-    assert (first.status_code, second.status_code) == (200, 200)
+
+def test_moscow_day_turns_at_21_utc(make_app, sql):
+    statuses = send_at_20_59_59_and_21_00_utc(make_app(DAILY_LIMIT="1"))
+
+    assert statuses == (200, 200)
     assert [row[4] for row in stored_rows(sql)] == [date(2026, 3, 1), date(2026, 3, 2)]
 
 
-def test_utc_time_zone_keeps_20_59_and_21_00_utc_in_one_day(make_app, fake_llm, sql):
-    app = make_app(DAILY_LIMIT="1", AI_CHAT_TIMEZONE="UTC")
-    api = api_for(app)
+def test_utc_time_zone_keeps_20_59_and_21_00_utc_in_one_day(make_app, sql):
+    statuses = send_at_20_59_59_and_21_00_utc(make_app(DAILY_LIMIT="1", AI_CHAT_TIMEZONE="UTC"))
 
-    pin_clock(app, "2026-03-01T20:59:59+00:00")
-    first = api.send()
-    pin_clock(app, "2026-03-01T21:00:00+00:00")
-    second = api.send()
-
-    assert (first.status_code, second.status_code) == (200, 429)
-    assert counter(sql) == 1
+    assert statuses == (200, 429)
+    assert request_count(sql) == 1
     assert [row[4] for row in stored_rows(sql)] == [date(2026, 3, 1)]
 
 
@@ -311,9 +285,9 @@ FAILURES = [
 
 
 @pytest.fixture
-def fast_failing(make_app):
-    """Short per-attempt timeout so that timeouts cost fractions of a second."""
-    return make_app(OPENAI_TIMEOUT="0.3", OPENAI_MAX_RETRIES=str(RETRIES), LLM_DEADLINE="5")
+def fast_failing(make_api):
+    """An ``Api`` with a short per-attempt timeout, so timeouts cost fractions of a second."""
+    return make_api(OPENAI_TIMEOUT="0.3", OPENAI_MAX_RETRIES=str(RETRIES), LLM_DEADLINE="5")
 
 
 @pytest.mark.parametrize("earlier_answers", [0, 2], ids=["first-time-user", "returning-user"])
@@ -321,26 +295,24 @@ def fast_failing(make_app):
 def test_llm_failure_answers_contract_error_and_refunds(
     fast_failing, fake_llm, sql, steps, expected_status, expected_error, earlier_answers
 ):
-    api = api_for(fast_failing)
-    exhaust(api, count=earlier_answers)
+    exhaust(fast_failing, count=earlier_answers)
     fake_llm.script(*steps)
 
-    response = api.send(message="Этот вопрос останется без ответа")
+    response = fast_failing.send(message="Этот вопрос останется без ответа")
 
     assert response.status_code == expected_status
     body = response.get_json()
     assert body["error"] == expected_error
     assert is_russian(body["message"])
-    assert counter(sql) == earlier_answers
+    assert request_count(sql) == earlier_answers
     assert len(stored_rows(sql)) == earlier_answers
 
 
 def test_failed_send_leaves_the_full_quota_for_the_next_question(fast_failing, fake_llm):
-    api = api_for(fast_failing)
     fake_llm.script(status(400))
-    api.send()
+    fast_failing.send()
 
-    response = api.send()
+    response = fast_failing.send()
 
     assert response.status_code == 200
     assert response.get_json()["remaining_requests"] == 29
@@ -359,31 +331,29 @@ def test_failed_send_leaves_the_full_quota_for_the_next_question(fast_failing, f
     ],
 )
 def test_transient_error_is_retried_to_success(fast_failing, fake_llm, sql, transient):
-    api = api_for(fast_failing)
     fake_llm.script(transient, ok("Со второй попытки", tokens=9))
 
-    response = api.send()
+    response = fast_failing.send()
 
     assert response.status_code == 200
     assert response.get_json()["response"] == "Со второй попытки"
     assert fake_llm.calls == 2
-    assert counter(sql) == 1
+    assert request_count(sql) == 1
     assert len(stored_rows(sql)) == 1
 
 
 def test_client_error_is_not_retried(fast_failing, fake_llm):
-    api = api_for(fast_failing)
     fake_llm.script(status(400), ok())
 
-    response = api.send()
+    response = fast_failing.send()
 
     assert response.status_code == 502
     assert fake_llm.calls == 1
 
 
 @pytest.mark.parametrize("max_retries", [0, 1, 2])
-def test_retries_stop_after_openai_max_retries(make_app, fake_llm, max_retries):
-    api = api_for(make_app(OPENAI_MAX_RETRIES=str(max_retries)))
+def test_retries_stop_after_openai_max_retries(make_api, fake_llm, max_retries):
+    api = make_api(OPENAI_MAX_RETRIES=str(max_retries))
     # One more failure than allowed, then a success the service must not reach.
     fake_llm.script(*[status(500)] * (max_retries + 1), ok())
 
@@ -393,9 +363,8 @@ def test_retries_stop_after_openai_max_retries(make_app, fake_llm, max_retries):
     assert fake_llm.calls == max_retries + 1
 
 
-def test_llm_deadline_bounds_the_retries(make_app, fake_llm, sql):
-    app = make_app(OPENAI_TIMEOUT="1", LLM_DEADLINE="1.5", OPENAI_MAX_RETRIES="5")
-    api = api_for(app)
+def test_llm_deadline_bounds_the_retries(make_api, fake_llm, sql):
+    api = make_api(OPENAI_TIMEOUT="1", LLM_DEADLINE="1.5", OPENAI_MAX_RETRIES="5")
     fake_llm.script(*[delay(3)] * 6)
 
     response = api.send()
@@ -403,14 +372,14 @@ def test_llm_deadline_bounds_the_retries(make_app, fake_llm, sql):
     assert response.status_code == 504
     assert response.get_json()["error"] == "llm_timeout"
     assert fake_llm.calls <= 2
-    assert counter(sql) == 0
+    assert request_count(sql) == 0
 
 
 # --- not configured ---------------------------------------------------------------
 
 
-def test_unconfigured_llm_answers_503_and_spends_nothing(make_app, fake_llm, sql):
-    api = api_for(make_app(OPENAI_BASE_URL="", OPENAI_API_KEY=""))
+def test_unconfigured_llm_answers_503_and_spends_nothing(make_api, fake_llm, sql):
+    api = make_api(OPENAI_BASE_URL="", OPENAI_API_KEY="")
 
     response = api.send()
 
@@ -419,7 +388,7 @@ def test_unconfigured_llm_answers_503_and_spends_nothing(make_app, fake_llm, sql
     assert body["error"] == "llm_not_configured"
     assert is_russian(body["message"])
     assert fake_llm.calls == 0
-    assert counter(sql) == 0
+    assert request_count(sql) == 0
     assert stored_rows(sql) == []
 
 
@@ -459,7 +428,7 @@ def test_llm_answer_is_returned_and_stored_verbatim(api, fake_llm, sql, text):
     assert api.history().get_json()["items"][0]["response"] == text
 
 
-def test_sql_injection_text_leaves_the_table_intact(api, fake_llm, sql):
+def test_sql_injection_text_leaves_the_table_intact(api, sql):
     api.send(message="'; DROP TABLE ai_chat_requests; --")
     api.send(message="второй вопрос")
 
@@ -477,7 +446,7 @@ def test_sql_injection_text_leaves_the_table_intact(api, fake_llm, sql):
         pytest.param({"user_id": None}, None, id="null"),
     ],
 )
-def test_user_id_is_stored_when_given(api, fake_llm, sql, fields, expected):
+def test_user_id_is_stored_when_given(api, sql, fields, expected):
     response = api.send(**fields)
 
     assert response.status_code == 200

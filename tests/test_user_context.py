@@ -16,15 +16,15 @@ the model received is read from the fake LLM.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import USER_CONTEXT_FETCHES
-from tests.conftest import API_KEY, Api
+from tests.conftest import API_KEY, Api, request_count
+from tests.servers import free_port
 
 CONTEXT_PATH = "/api/v1/bot/user-context/{telegram_id}"
 SELLER_DATA = {
@@ -34,6 +34,7 @@ SELLER_DATA = {
     "reviews": {"average_rating": 4.7},
 }
 TITLES = ("Продажи", "Остатки", "Заказы", "Отзывы")
+FETCH_OUTCOMES = ("ok", "empty", "timeout", "http_error", "bad_response", "error")
 
 
 # --- the fake main server ------------------------------------------------------
@@ -143,41 +144,31 @@ def sent_messages(fake_llm) -> list[dict]:
     return fake_llm.requests[0]["body"]["messages"]
 
 
-def counter(sql, telegram_id: int = 1) -> int:
-    rows = sql(
-        "SELECT request_count FROM ai_chat_daily_limits WHERE telegram_id = %s", (telegram_id,)
-    )
-    return rows[0][0] if rows else 0
+def all_fetches(api) -> dict[str, float]:
+    """``ai_chat_user_context_fetches_total`` by outcome, as ``GET /metrics`` shows it."""
+    counted = dict.fromkeys(FETCH_OUTCOMES, 0.0)
+    for family in text_string_to_metric_families(api.client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == "ai_chat_user_context_fetches_total":
+                counted[sample.labels["outcome"]] = sample.value
+    return counted
 
 
-def fetches(outcome: str) -> float:
-    return USER_CONTEXT_FETCHES.labels(outcome)._value.get()
-
-
-def all_fetches() -> dict[str, float]:
-    return {
-        outcome: fetches(outcome)
-        for outcome in ("ok", "empty", "timeout", "http_error", "bad_response", "error")
-    }
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def fetches(api, outcome: str) -> float:
+    return all_fetches(api)[outcome]
 
 
 # --- fetched context -----------------------------------------------------------
 
 
-def test_absent_context_is_fetched_for_the_user_id_in_the_path(api, main_server, fake_llm):
+def test_absent_context_is_fetched_for_the_user_id_in_the_path(api, main_server):
     response = api.send(telegram_id=424242)
 
     assert response.status_code == 200
     assert [r["path"] for r in main_server.requests] == ["/api/v1/bot/user-context/424242"]
 
 
-def test_fetched_data_reaches_the_llm_as_second_system_message(api, main_server, fake_llm):
+def test_fetched_data_reaches_the_llm_as_second_system_message(api, fake_llm):
     api.send(message="Что у меня с продажами?")
 
     messages = sent_messages(fake_llm)
@@ -223,9 +214,7 @@ def test_huge_payload_gives_a_bounded_personalisation_block(api, main_server, fa
     ],
     ids=["user_context_api_key", "only_api_key", "first_of_rotated_keys"],
 )
-def test_fetch_sends_the_configured_api_key(
-    context_app, main_server, fake_llm, overrides, expected_key
-):
+def test_fetch_sends_the_configured_api_key(context_app, main_server, overrides, expected_key):
     api = Api(context_app(**overrides).test_client())
 
     assert api.send().status_code == 200
@@ -233,12 +222,12 @@ def test_fetch_sends_the_configured_api_key(
     assert [r["api_key"] for r in main_server.requests] == [expected_key]
 
 
-def test_successful_fetch_is_counted_as_ok(api, main_server, fake_llm):
-    before = fetches("ok")
+def test_successful_fetch_is_counted_as_ok(api):
+    before = fetches(api, "ok")
 
     api.send()
 
-    assert fetches("ok") == before + 1
+    assert fetches(api, "ok") == before + 1
 
 
 # --- context given in the request ----------------------------------------------
@@ -254,14 +243,14 @@ def test_context_in_request_is_used_and_nothing_is_fetched(api, main_server, fak
 
 
 def test_empty_context_in_request_means_no_personalisation(api, main_server, fake_llm):
-    before = all_fetches()
+    before = all_fetches(api)
 
     response = api.send(user_context="")
 
     assert response.status_code == 200
     assert main_server.requests == []
     assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
-    assert all_fetches() == before
+    assert all_fetches(api) == before
 
 
 def test_null_context_in_request_is_fetched(api, main_server, fake_llm):
@@ -271,16 +260,15 @@ def test_null_context_in_request_is_fetched(api, main_server, fake_llm):
     assert "1234567" in sent_messages(fake_llm)[1]["content"]
 
 
-def test_nothing_is_fetched_without_user_context_url(make_app, main_server, fake_llm):
-    api = Api(make_app(USER_CONTEXT_URL="").test_client())
-    before = all_fetches()
+def test_nothing_is_fetched_without_user_context_url(make_api, fake_llm):
+    api = make_api(USER_CONTEXT_URL="")
+    before = all_fetches(api)
 
     response = api.send()
 
     assert response.status_code == 200
-    assert main_server.requests == []
     assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
-    assert all_fetches() == before
+    assert all_fetches(api) == before
 
 
 # --- failures: answer without personalisation ----------------------------------
@@ -313,27 +301,25 @@ def test_unusable_context_answers_without_personalisation(
     api, main_server, fake_llm, sql, reply, outcome
 ):
     main_server.reply_raw(**reply)
-    before = fetches(outcome)
+    before = fetches(api, outcome)
 
     response = api.send()
 
     assert response.status_code == 200
     assert len(main_server.requests) == 1
     assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
-    assert counter(sql) == 1
-    assert fetches(outcome) == before + 1
+    assert request_count(sql) == 1
+    assert fetches(api, outcome) == before + 1
 
 
-def test_unreachable_main_server_answers_without_personalisation(
-    make_app, main_server, fake_llm, sql
-):
-    url = f"http://127.0.0.1:{closed_port()}{CONTEXT_PATH}"
-    api = Api(make_app(USER_CONTEXT_URL=url, USER_CONTEXT_TIMEOUT="0.5").test_client())
-    before = fetches("error")
+def test_unreachable_main_server_answers_without_personalisation(make_api, fake_llm, sql):
+    url = f"http://127.0.0.1:{free_port()}{CONTEXT_PATH}"
+    api = make_api(USER_CONTEXT_URL=url, USER_CONTEXT_TIMEOUT="0.5")
+    before = fetches(api, "error")
 
     response = api.send()
 
     assert response.status_code == 200
     assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
-    assert counter(sql) == 1
-    assert fetches("error") == before + 1
+    assert request_count(sql) == 1
+    assert fetches(api, "error") == before + 1

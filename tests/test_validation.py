@@ -36,10 +36,14 @@ EXCEPTION_NAME = re.compile(r"\b[A-Z][A-Za-z0-9]*(?:Error|Exception|Warning)\b")
 LEAKS = ("Traceback", "psycopg2", "sqlalchemy", "SELECT", "ai_chat_", 'File "', API_KEY)
 
 
+def without_missing(body: dict) -> dict:
+    """``body`` without the fields whose value is MISSING."""
+    return {name: value for name, value in body.items() if value is not MISSING}
+
+
 def send_body(**fields) -> dict:
     """A valid /send body with ``fields`` replaced (MISSING removes a field)."""
-    body = {"telegram_id": SEEDED_ID, "message": "Как поднять продажи?", **fields}
-    return {name: value for name, value in body.items() if value is not MISSING}
+    return without_missing({"telegram_id": SEEDED_ID, "message": "Как поднять продажи?", **fields})
 
 
 def post_json(client, path, body, headers=None):
@@ -256,7 +260,7 @@ def test_send_rejects_request_id_differing_from_idempotency_key(client, rejected
     rejected(response, 422, "validation_error", field="request_id")
 
 
-def test_send_accepts_request_id_equal_to_idempotency_key(client, sql, fake_llm):
+def test_send_accepts_request_id_equal_to_idempotency_key(client, sql):
     response = post_json(
         client, SEND, send_body(request_id="key-1"), headers={"Idempotency-Key": "key-1"}
     )
@@ -425,9 +429,7 @@ BAD_HISTORY_FIELDS = [
 
 @pytest.mark.parametrize(("field", "value"), BAD_HISTORY_FIELDS)
 def test_history_rejects_bad_field(client, rejected, field, value):
-    body = {"telegram_id": SEEDED_ID, field: value}
-    body = {name: item for name, item in body.items() if item is not MISSING}
-    response = post_json(client, HISTORY, body)
+    response = post_json(client, HISTORY, without_missing({"telegram_id": SEEDED_ID, field: value}))
     rejected(response, 422, "validation_error", field=field)
 
 
@@ -461,8 +463,7 @@ def test_history_accepts_paging_at_its_bounds(client, page):
 def test_reset_limit_rejects_bad_telegram_id_and_keeps_the_counter(
     client, rejected, telegram_id
 ):
-    body = {} if telegram_id is MISSING else {"telegram_id": telegram_id}
-    response = post_json(client, RESET, body)
+    response = post_json(client, RESET, without_missing({"telegram_id": telegram_id}))
     rejected(response, 422, "validation_error", field="telegram_id")
 
 
