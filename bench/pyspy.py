@@ -20,7 +20,6 @@ from pathlib import Path
 # Leaf frames are grouped by the package their file belongs to.
 _CATEGORIES = (
     ("app/", "app (our code)"),
-    ("bench/", "bench"),
     ("flask_smorest/", "flask-smorest / webargs / marshmallow"),
     ("webargs/", "flask-smorest / webargs / marshmallow"),
     ("marshmallow/", "flask-smorest / webargs / marshmallow"),
@@ -69,7 +68,6 @@ WATCHED = (
     ),
     ("_log_request", "per-request log line"),
     ("_record", "Prometheus HTTP metrics"),
-    ("ValuesView.observe", "Prometheus observe()"),
     ("Histogram.observe", "Prometheus observe()"),
     ("Counter.inc", "Prometheus inc()"),
     ("annotate", "logs.annotate"),
@@ -137,6 +135,5 @@ def parse(raw: str) -> Profile:
     for func, label in WATCHED:
         total = sum(n for name, n in profile.inclusive.items() if name.startswith(func + " ("))
         if total:
-            previous = profile.watched.get(label, (func, 0))[1]
-            profile.watched[label] = (func, previous + total)
+            profile.watched[label] = (func, total)
     return profile

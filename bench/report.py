@@ -41,7 +41,7 @@ def _gunicorn_settings(overrides: dict) -> dict:
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
-        return {}
+        raise RuntimeError(f"gunicorn.conf.py failed with {overrides}:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -53,13 +53,13 @@ def settings(overrides: dict, max_connections: int) -> dict:
     env = {"API_SECRET_KEY": "bench", "DATABASE_URL": "postgresql://x@localhost/x",
            **os.environ, **overrides}
     engine = load_config(env)["SQLALCHEMY_ENGINE_OPTIONS"]
-    workers = gunicorn.get("workers", 0)
+    workers = gunicorn["workers"]
     per_worker = engine["pool_size"] + engine["max_overflow"]
     summary = (
-        f"{workers} {gunicorn.get('worker_class')} workers x {gunicorn.get('threads')} threads, "
+        f"{workers} {gunicorn['worker_class']} workers x {gunicorn['threads']} threads, "
         f"pool {engine['pool_size']}+{engine['max_overflow']} per worker "
         f"(<= {workers * per_worker} of max_connections {max_connections}), "
-        f"pool_timeout {engine['pool_timeout']}s, worker timeout {gunicorn.get('timeout')}s"
+        f"pool_timeout {engine['pool_timeout']}s, worker timeout {gunicorn['timeout']}s"
     )
     return {"gunicorn": gunicorn, "engine": engine, "overrides": overrides, "summary": summary}
 
@@ -292,7 +292,7 @@ def _profile(profile) -> list[str]:
         return [profile]
     total = profile.samples or 1
     lines = [
-        f"py-spy (`record --gil --nonblocking --subprocesses`, 200 Hz) on the master and both "
+        f"py-spy (`record --gil --subprocesses`, 200 Hz) on the master and its "
         f"workers for the profile run (upstream 0 ms, 50 clients): {profile.samples} samples "
         f"of a thread holding the GIL, i.e. of CPU spent in Python. Shares are of those samples.",
         "",
@@ -330,9 +330,9 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
         f"- Machine: {_machine()}; CPU calibration (1M-step Python loop, best of 5) "
         + " ms at the start, ".join(f"{ms:.1f}" for ms in settings_.get("calibration_ms", []))
         + " ms at the end",
-        f"- Service: gunicorn {gunicorn.get('worker_class')}, {gunicorn.get('workers')} workers "
-        f"x {gunicorn.get('threads')} threads, timeout {gunicorn.get('timeout')} s, "
-        f"keepalive {gunicorn.get('keepalive')} s; SQLAlchemy pool {engine['pool_size']} + "
+        f"- Service: gunicorn {gunicorn['worker_class']}, {gunicorn['workers']} workers "
+        f"x {gunicorn['threads']} threads, timeout {gunicorn['timeout']} s, "
+        f"keepalive {gunicorn['keepalive']} s; SQLAlchemy pool {engine['pool_size']} + "
         f"overflow {engine['max_overflow']} per worker, pool_timeout {engine['pool_timeout']} s; "
         "LOG_LEVEL=WARNING unless the scenario says INFO; DAILY_LIMIT high, a fresh "
         "telegram_id per request (new user: the context read finds nothing)",
@@ -395,7 +395,8 @@ ANALYSIS = """\
 **Read the figures with care.** The two vCPUs are shared with PostgreSQL, the fake LLM and
 the load generator ("other load" counts the rest of the machine). The same scenario moves
 from run to run: on 2026-11-25, with the code as it is now, slow-200 gave 255-322 answers/s
-(0.64-0.81x of the floor) and fast-50 346-413 (0.29-0.45x). Compare the service with the forward-only floor of the same run, and
+(0.64-0.81x of the floor) and fast-50 346-413 (0.29-0.45x). Compare the service with the
+forward-only floor of the same run, and
 settings only inside one `--sweep` run.
 
 **What was changed after the first measurements** (first run -> now, same scenarios):
@@ -405,7 +406,8 @@ its own); the context read and the save are prebuilt SQL instead of ORM statemen
 per call; the pool defaults to threads / 5 (30 + 10 per worker), which stopped the
 connection churn (hundreds of new PostgreSQL connections per 10 s at 0 ms upstream,
 now 0); threads default to 150 per worker. Effect: single-thread CPU of one send
-2.6 -> 2.0-2.6 ms (it varies with the machine's state), slow-200 210 -> 255-322 answers/s (0.53x -> 0.64-0.81x of the floor),
+2.6 -> 2.0-2.6 ms (it varies with the machine's state), slow-200 210 -> 255-322 answers/s
+(0.53x -> 0.64-0.81x of the floor),
 fast-50 303 -> 346-413, own time at 20 clients 6.7 -> 3.5-4.0 ms p50.
 
 **Targets not met, and why.**
@@ -428,8 +430,8 @@ fast-50 303 -> 346-413, own time at 20 clients 6.7 -> 3.5-4.0 ms p50.
   accept/parse and the loopback hop, 5.2-6.2 ms (not met by a millisecond).
 - *quota and save <= 2 ms p99*: p50 is ~1-1.3 ms each; p99 5-8 ms at 20 clients. The
   tail is waiting for the GIL after the round trip while other threads parse LLM
-  answers (the switch interval is 5 ms; `BENCH_SWITCH_INTERVAL=0.001` via
-  bench/hooks/sitecustomize.py was no better). A single CTE for reserve + context
+  answers (the switch interval is 5 ms; a 1 ms interval, tried once in the
+  workers, was no better). A single CTE for reserve + context
   (PostgreSQL only, the "proposed" row above) would save one more round trip.
 
 **Sizing rule** (defaults: 2 workers x 150 threads, pool 30 + 10 per worker):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,12 +53,12 @@ PLAN = (
 PROFILE = Scenario("profile", "service", 0.0, 50, description="py-spy on the workers")
 
 
-def server_env(scenario: Scenario, llm: FakeLLMProcess, database_url: str, overrides: dict):
-    env = {
-        # The service's production defaults for everything not set here.
+def service_env(database_url: str, llm_url: str) -> dict:
+    """The service's production defaults for everything not set here."""
+    return {
         "API_SECRET_KEY": API_KEY,
         "DATABASE_URL": database_url,
-        "OPENAI_BASE_URL": llm.url,
+        "OPENAI_BASE_URL": llm_url,
         "OPENAI_API_KEY": "",
         # Fresh users per request: the limit never bites, but stays on (headers).
         "DAILY_LIMIT": "1000000",
@@ -65,9 +66,6 @@ def server_env(scenario: Scenario, llm: FakeLLMProcess, database_url: str, overr
         # The per-request INFO line is measured on its own (fast-50-info).
         "LOG_LEVEL": "WARNING",
     }
-    env.update(overrides)
-    env.update(dict(scenario.env))
-    return env
 
 
 @dataclass
@@ -80,12 +78,16 @@ def _groups(server: GunicornProcess, llm: FakeLLMProcess) -> dict[str, list[int]
     return {
         # Each worker on its own too: keep-alive connections stick to the worker
         # that accepted them, and an uneven split caps throughput.
-        **{f"worker:{pid}": [pid] for pid in server.workers},
+        **{f"worker:{pid}": [pid] for pid in server.workers()},
         "service": server.pids(),
         "postgres": system.postgres_pids(server.env["DATABASE_URL"].rsplit("/", 1)[1]),
-        "fake_llm": [llm.pid],
-        "loadgen": [system.os.getpid()],
+        "fake_llm": [llm.process.pid],
+        "loadgen": [os.getpid()],
     }
+
+
+def _worker_rss(server: GunicornProcess) -> list[float]:
+    return [system.rss_mib(pid) for pid in server.workers()]
 
 
 async def _timed(scenario, server, llm, database, warmup, duration, first_id):
@@ -121,7 +123,7 @@ def run_timed(scenario, server, llm, database, warmup, duration, first_id) -> Me
         window[1] - window[0],
     )
     summarise(figures, result, window, cpu)
-    figures.worker_rss_mib = [system.rss_mib(pid) for pid in server.workers]
+    figures.worker_rss_mib = _worker_rss(server)
     figures.new_db_connections = new_sessions
     return Measured(figures)
 
@@ -135,14 +137,14 @@ def run_leak(scenario, server, llm, database, warmup, first_id, limit: float) ->
         run_load("127.0.0.1", server.port, API_KEY, scenario.clients,
                  first_id=first_id, duration=warmup)
     )
-    points = [("start", [system.rss_mib(pid) for pid in server.workers])]
-    half = scenario.leak_requests // 2
-    answered = [0]
+    points = [("start", _worker_rss(server))]
+    answered = 0
 
     def on_answer():
-        answered[0] += 1
-        if answered[0] == half:
-            points.append(("middle", [system.rss_mib(pid) for pid in server.workers]))
+        nonlocal answered
+        answered += 1
+        if answered == scenario.leak_requests // 2:
+            points.append(("middle", _worker_rss(server)))
 
     before = system.snapshot(time.perf_counter(), _groups(server, llm))
     sessions = database.sessions()
@@ -152,7 +154,7 @@ def run_leak(scenario, server, llm, database, warmup, first_id, limit: float) ->
                  duration=limit, on_answer=on_answer)
     )
     after = system.snapshot(time.perf_counter(), _groups(server, llm))
-    points.append(("end", [system.rss_mib(pid) for pid in server.workers]))
+    points.append(("end", _worker_rss(server)))
     figures = Figures(
         scenario.name, scenario.app, scenario.latency * 1000, scenario.clients, after.at - before.at
     )

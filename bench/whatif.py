@@ -1,6 +1,6 @@
 """Single-thread CPU of one send and of its database work: what the service does
-today against what a leaner hot path would cost (``python -m bench.whatif``;
-`make bench` runs it too and puts the table in RESULTS.md).
+today against what a leaner hot path would cost (`make bench` puts the table in
+RESULTS.md; alone: ``python -m bench.run --scenario whatif``).
 
 One thread, in-process, CPU time of this process only (time.process_time): no
 GIL contention and hardly any effect of other load on the machine, so small
@@ -11,7 +11,6 @@ to put a number on the recommendations in RESULTS.md.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -21,12 +20,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from sqlalchemy import text
 
-LEVELS = ("WARNING", "INFO")
-MESSAGE = "Как поднять карточку товара в поиске Wildberries?"
+from bench import scenarios
+from bench.loadgen import MESSAGE
+
 ANSWER = "Ответ: " + MESSAGE
 
 # Proposed: the reservation and the context read in one statement. The reserve
@@ -40,6 +39,8 @@ LEFT JOIN LATERAL (
 ) AS c ON true
 ORDER BY c.id
 """
+
+
 @dataclass
 class Cost:
     label: str
@@ -81,55 +82,25 @@ def _compare(candidates: list[tuple[str, object, str]], iterations: int, rounds:
     ]
 
 
-def _env(database_url: str, llm_url: str, log_level: str) -> dict:
-    return {
-        "API_SECRET_KEY": "bench-key", "DATABASE_URL": database_url, "OPENAI_BASE_URL": llm_url,
-        "OPENAI_API_KEY": "", "DAILY_LIMIT": "1000000", "USER_CONTEXT_URL": "",
-        "LOG_LEVEL": log_level,
-    }
+def _ok(response) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"answered {response.status_code}")
 
 
 def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
     from werkzeug.test import Client
 
-    from app import create_app
+    from app import create_app, metrics
 
-    ids = itertools.count(1)
-    candidates = []
-    for level in LEVELS:
-        client = create_app(_env(database_url, llm_url, level)).test_client()
-
-        def send(client=client):
-            body = json.dumps({"telegram_id": next(ids), "message": MESSAGE})
-            response = client.post("/v1/chat/send", data=body,
-                                   headers={"X-API-KEY": "bench-key"})
-            if response.status_code != 200:
-                raise RuntimeError(f"send answered {response.status_code}")
-
-        candidates.append((f"one send through Flask, LOG_LEVEL={level}", send,
-                           "new user; includes the openai SDK call"))
-
+    service = create_app(scenarios.service_env(database_url, llm_url)).test_client()
     os.environ["OPENAI_BASE_URL"] = llm_url
     from bench import forward_app
 
     forward = Client(forward_app.app)
+    ids = itertools.count(1)
 
-    def forward_send():
-        body = json.dumps({"telegram_id": next(ids), "message": MESSAGE})
-        if forward.post("/v1/chat/send", data=body).status_code != 200:
-            raise RuntimeError("forward app failed")
-
-    candidates.append(("one send through the forward-only app", forward_send,
-                       "the floor: JSON in, openai SDK call, JSON out"))
-
-    def health():
-        if client.get("/health").status_code != 200:
-            raise RuntimeError("health failed")
-
-    candidates.append(("GET /health through Flask", health,
-                       "framework + request hooks (id, metrics, log), no I/O"))
-
-    from app import metrics
+    def body() -> str:
+        return json.dumps({"telegram_id": next(ids), "message": MESSAGE})
 
     def metric_updates():
         # What one answered send records (app/metrics.py, app/llm.py, service).
@@ -142,31 +113,19 @@ def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
         metrics.LLM_TOKENS.inc(100)
         metrics.QUOTA_RESERVATIONS.inc()
 
-    candidates.append(("the 11 metric updates of one send", metric_updates,
-                       "prometheus_client multiprocess mode (mmap files), as under gunicorn"))
-    # The root logger's level is global: the last app built set it. Each send
-    # sets it to its own app's level around the call (logs.configure_logging
-    # runs only at build time, so do it here the same way).
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        return _compare([(label, _with_level(label, action), note)
-                         for label, action, note in candidates], iterations)
-
-
-def _with_level(label: str, action):
-    """Run ``action`` with the root logger at the label's LOG_LEVEL.
-
-    The level is process-global and every ``create_app`` sets it, so the apps
-    measured side by side set it back before each send.
-    """
-    import logging
-
-    level = label.rsplit("=", 1)[1] if "LOG_LEVEL=" in label else "WARNING"
-
-    def run():
-        logging.getLogger().setLevel(level)
-        action()
-
-    return run
+    return _compare([
+        ("one send through Flask, LOG_LEVEL=WARNING",
+         lambda: _ok(service.post("/v1/chat/send", data=body(),
+                                  headers={"X-API-KEY": scenarios.API_KEY})),
+         "new user; includes the openai SDK call"),
+        ("one send through the forward-only app",
+         lambda: _ok(forward.post("/v1/chat/send", data=body())),
+         "the floor: JSON in, openai SDK call, JSON out"),
+        ("GET /health through Flask", lambda: _ok(service.get("/health")),
+         "framework + request hooks (id, metrics, log), no I/O"),
+        ("the 11 metric updates of one send", metric_updates,
+         "prometheus_client multiprocess mode (mmap files), as under gunicorn"),
+    ], iterations)
 
 
 def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
@@ -176,7 +135,7 @@ def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Co
     from app.extensions import db
     from app.llm import Completion
 
-    app = create_app(_env(database_url, llm_url, "WARNING"))
+    app = create_app(scenarios.service_env(database_url, llm_url))
     ids = itertools.count(10_000_000)
     with app.app_context():
         day = Day(now=datetime.now(UTC), timezone=app.config["TIMEZONE"])
@@ -242,22 +201,3 @@ def table(costs: list[Cost]) -> list[str]:
         wall = "–" if cost.wall_ms is None else f"{cost.wall_ms:.3f}"
         lines.append(f"| {cost.label} | {cpu} | {wall} | {cost.note} |")
     return lines
-
-
-def main() -> int:
-    from bench.servers import BenchDatabase, FakeLLMProcess
-
-    out = Path(__file__).resolve().parent / "out"
-    out.mkdir(exist_ok=True)
-    database = BenchDatabase()
-    try:
-        with FakeLLMProcess(0.0, out) as llm:
-            costs = run(database.url, llm.url)
-    finally:
-        database.drop()
-    print("\n".join(table(costs)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
