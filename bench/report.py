@@ -412,7 +412,7 @@ fast-50 303 -> 346-413, own time at 20 clients 6.7 -> 3.5-4.0 ms p50.
 
 **Targets not met, and why.**
 
-- *200 clients, >= 0.8x forward-only*: 0.64-0.81x over the runs (0.75x in the run above). At 200
+- *200 clients, >= 0.8x forward-only*: 0.64-0.81x over the runs (0.78x in the run above). At 200
   clients both workers are CPU/GIL-bound: ~4 ms of gunicorn CPU per answer against
   ~2 ms for the floor. With `WEB_CONCURRENCY=4 GUNICORN_THREADS=75` one sweep reached
   364 answers/s (0.92x): more GILs on the same two cores, at ~100 MiB per extra worker
