@@ -1,5 +1,6 @@
-"""The service's tables. Names and columns match the existing service so the
-main server keeps reading them; anything added comes through a migration."""
+"""The service's tables. Names, columns and indexes match what the old service's
+``create_all`` made (the main server keeps reading them, and production
+databases hold them full of rows); anything added comes through a migration."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import UTC
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     Date,
     DateTime,
@@ -22,6 +24,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
+
+# Alembic's state of this service's schema. The main server keeps its own in
+# ``alembic_version`` of the same database, which we never read or write.
+MIGRATION_VERSION_TABLE = "ai_chat_alembic_version"
 
 
 class UTCDateTime(TypeDecorator):
@@ -50,11 +56,20 @@ class ChatRequest(db.Model):
     user_id = Column(Integer, nullable=True)
     message = Column(Text, nullable=False)
     response = Column(Text, nullable=False)
-    tokens_used = Column(Integer, nullable=False, default=0)
+    # Nullable as the old service made it; this service always writes it.
+    tokens_used = Column(Integer, nullable=True)
     request_date = Column(Date, nullable=False)
     created_at = Column(UTCDateTime(), nullable=False)
+    # The model that answered; null on rows the old service wrote.
+    model = Column(String(200), nullable=True)
 
     __table_args__ = (
+        # The old service's indexes (index=True on these columns).
+        Index("ix_ai_chat_requests_id", "id"),
+        Index("ix_ai_chat_requests_telegram_id", "telegram_id"),
+        Index("ix_ai_chat_requests_user_id", "user_id"),
+        Index("ix_ai_chat_requests_request_date", "request_date"),
+        Index("ix_ai_chat_requests_created_at", "created_at"),
         # History and context read a user's newest rows; stats a date range.
         Index("ix_ai_chat_requests_telegram_id_id", "telegram_id", "id"),
         Index("ix_ai_chat_requests_telegram_id_request_date", "telegram_id", "request_date"),
@@ -68,14 +83,17 @@ class DailyLimit(db.Model):
 
     id = Column(Integer, primary_key=True)
     telegram_id = Column(BigInteger, nullable=False)
-    request_count = Column(Integer, nullable=False, default=0)
+    request_count = Column(Integer, nullable=False)
     last_reset_date = Column(Date, nullable=False)
     created_at = Column(UTCDateTime(), nullable=False)
-    updated_at = Column(UTCDateTime(), nullable=False)
+    # Nullable as the old service made it: its writers insert rows without it.
+    updated_at = Column(UTCDateTime(), nullable=True)
 
     __table_args__ = (
+        Index("ix_ai_chat_daily_limits_id", "id"),
         # The conflict target of the atomic reservation (app/chat/quota.py).
-        UniqueConstraint("telegram_id", name="uq_ai_chat_daily_limits_telegram_id"),
+        Index("ix_ai_chat_daily_limits_telegram_id", "telegram_id", unique=True),
+        Index("ix_ai_chat_daily_limits_last_reset_date", "last_reset_date"),
     )
 
 
@@ -89,6 +107,8 @@ class IdempotencyKey(db.Model):
     telegram_id = Column(BigInteger, nullable=False)
     request_id = Column(String(128), nullable=False)
     message_sha256 = Column(String(64), nullable=False)
+    # Who holds the claim: only that request may complete or release it.
+    claim_token = Column(String(32), nullable=True)
     chat_request_id = Column(
         Integer, ForeignKey("ai_chat_requests.id", ondelete="CASCADE"), nullable=True
     )
@@ -97,6 +117,25 @@ class IdempotencyKey(db.Model):
     __table_args__ = (
         # The database, not a process lock, decides who owns a key.
         UniqueConstraint("telegram_id", "request_id", name="uq_ai_chat_idempotency_keys_key"),
+        # Deleting a user's history cascades here; without it, a scan per row.
+        Index("ix_ai_chat_idempotency_keys_chat_request_id", "chat_request_id"),
+    )
+
+
+class UserSettings(db.Model):
+    """A seller's own settings; null columns mean "the service default"."""
+
+    __tablename__ = "ai_chat_user_settings"
+
+    telegram_id = Column(BigInteger, primary_key=True, autoincrement=False)
+    preferred_model = Column(String(200), nullable=True)
+    # 0 = unlimited, as DAILY_LIMIT; read inside the quota reservation itself.
+    daily_limit = Column(Integer, nullable=True)
+    updated_at = Column(UTCDateTime(), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("daily_limit IS NULL OR daily_limit >= 0",
+                        name="ck_ai_chat_user_settings_limit"),
     )
 
 

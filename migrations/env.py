@@ -1,13 +1,23 @@
-"""Alembic environment, run by ``flask db upgrade`` inside the app."""
+"""Alembic environment, run by ``flask db upgrade`` inside the app.
+
+In production the database is shared with the main server, which keeps its
+own Alembic state in ``alembic_version``: ours lives in a table of its own
+(``MIGRATION_VERSION_TABLE``), so neither service ever reads the other's.
+Migrations run on an engine of their own, without the app's statement and
+lock timeouts (a ``CREATE INDEX CONCURRENTLY`` on a big table may take
+minutes), and instances that boot together take turns on an advisory lock.
+"""
 
 import logging
 from logging.config import fileConfig
 
 from alembic import context
 from flask import current_app
-from sqlalchemy import text
+from sqlalchemy import create_engine, pool, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
-from app.models import transaction_isolation
+from app.models import MIGRATION_VERSION_TABLE
 
 config = context.config
 # Keep the application's loggers alive when migrations run inside it (tests).
@@ -15,13 +25,36 @@ fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger("alembic.env")
 
 target_db = current_app.extensions["migrate"].db
+# The service's own database, or MIGRATIONS_DATABASE_URL (PostgreSQL itself when
+# the service goes through PgBouncer).
+url = make_url(current_app.config["MIGRATIONS_DATABASE_URL"])
 config.set_main_option(
-    "sqlalchemy.url", target_db.engine.url.render_as_string(hide_password=False).replace("%", "%%")
+    "sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%")
 )
 
 # Several instances may boot at once (deploy/boot.sh runs `db upgrade`); on
-# PostgreSQL they take turns on this lock instead of racing on DDL.
+# PostgreSQL they take turns on this lock instead of racing on DDL. It is a
+# session lock, not a transaction one: CREATE INDEX CONCURRENTLY commits the
+# migration's transaction, and the lock must outlive that.
 MIGRATION_LOCK_ID = 0x41495F43484154  # "AI_CHAT"
+
+
+def migration_engine():
+    """A one-connection engine without the app's timeouts and autocommit."""
+    connect_args = {}
+    if url.get_backend_name() == "postgresql":
+        connect_args = {"connect_timeout": 10, "application_name": "ai_chat_migrations"}
+    return create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+
+
+def unreachable(error: OperationalError) -> SystemExit:
+    """One line that says what is wrong, instead of a driver traceback."""
+    reason = (str(getattr(error, "orig", error)).strip().splitlines() or ["?"])[0]
+    where = url.render_as_string(hide_password=True)
+    hint = ""
+    if "does not exist" in reason and url.database:
+        hint = f"; create it first: CREATE DATABASE \"{url.database}\";"
+    return SystemExit(f"ai_chat: cannot open the database {where}: {reason}{hint}")
 
 
 def run_migrations_offline():
@@ -29,6 +62,7 @@ def run_migrations_offline():
         url=config.get_main_option("sqlalchemy.url"),
         target_metadata=target_db.metadata,
         literal_binds=True,
+        version_table=MIGRATION_VERSION_TABLE,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -44,17 +78,33 @@ def run_migrations_online():
     conf_args = dict(current_app.extensions["migrate"].configure_args)
     conf_args.setdefault("process_revision_directives", process_revision_directives)
 
-    with target_db.engine.connect() as connection:
-        # The app's engine runs in autocommit mode; migrations (and the
-        # advisory lock) need a real transaction.
-        level = transaction_isolation(connection.dialect.name)
-        connection = connection.execution_options(isolation_level=level)
-        context.configure(connection=connection, target_metadata=target_db.metadata, **conf_args)
-        with context.begin_transaction():
-            if connection.dialect.name == "postgresql":
-                lock = text("SELECT pg_advisory_xact_lock(:id)")
-                connection.execute(lock, {"id": MIGRATION_LOCK_ID})
-            context.run_migrations()
+    engine = migration_engine()
+    try:
+        connection = engine.connect()
+    except OperationalError as error:
+        raise unreachable(error) from None
+    with connection:
+        postgresql = connection.dialect.name == "postgresql"
+        if postgresql:
+            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+            connection.commit()
+        try:
+            context.configure(
+                connection=connection,
+                target_metadata=target_db.metadata,
+                version_table=MIGRATION_VERSION_TABLE,
+                **conf_args,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+        finally:
+            if postgresql:
+                connection.rollback()
+                connection.execute(
+                    text("SELECT pg_advisory_unlock(:id)"), {"id": MIGRATION_LOCK_ID}
+                )
+                connection.commit()
+    engine.dispose()
 
 
 if context.is_offline_mode():
