@@ -1,10 +1,10 @@
-# syntax=docker/dockerfile:1
 # Container image of the AI Chat Service: gunicorn (gthread) serving wsgi:app,
 # migrations applied at start by deploy/boot.sh.
 #
 # Stop it with enough grace for answers in flight (gunicorn's graceful_timeout is
-# LLM_DEADLINE + 5 = 50 s): `docker run --stop-timeout 60`, or stop_grace_period in
+# REQUEST_DEADLINE + 5 = 60 s): `docker run --stop-timeout 70`, or stop_grace_period in
 # docker-compose.yml. Docker's default of 10 s would cut paid-for answers off.
+# Builds with the classic builder and BuildKit alike (no BuildKit-only syntax).
 
 # --- build: compile/install the dependencies into a self-contained venv ----------
 FROM python:3.11-slim AS build
@@ -35,7 +35,7 @@ COPY --from=build /opt/venv /opt/venv
 # Only what runs: no tests, bench, .env or local database (see .dockerignore too).
 COPY app/ app/
 COPY migrations/ migrations/
-COPY --chmod=755 deploy/boot.sh deploy/boot.sh
+COPY deploy/boot.sh deploy/boot.sh
 COPY wsgi.py gunicorn.conf.py ./
 
 # The code stays root-owned (the app cannot rewrite itself); only var/, where the
@@ -47,9 +47,16 @@ USER app
 
 EXPOSE 9001
 
-# /health touches no database: the check answers "is this process serving", while
-# the database state is reported by /health/ready. The slim image has no curl.
-HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:${AI_CHAT_PORT:-9001}/health', timeout=2)" || exit 1
+# "Is the server accepting connections": a TCP connect to the port. An HTTP probe
+# of /health would wait in the same thread pool as the answers, and with every
+# thread busy on a slow model (a normal evening) it would time out and get a
+# healthy, saturated instance restarted, answers in flight included. The gthread
+# main loop accepts connections whatever the threads do, and gunicorn's master
+# replaces a worker whose main loop stops (timeout); /health and /health/ready
+# stay the probes of a load balancer. The slim image has no curl.
+HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
+    CMD python -c "import os, socket; socket.create_connection(('127.0.0.1', int(os.environ.get('AI_CHAT_PORT', '9001'))), 2).close()" || exit 1
 
-CMD ["./deploy/boot.sh"]
+# Run through sh: the script's mode bits then do not matter (a checkout on a system
+# that drops them still starts); it execs gunicorn, which becomes PID 1's only child.
+CMD ["sh", "./deploy/boot.sh"]

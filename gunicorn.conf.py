@@ -19,13 +19,14 @@ from dotenv import load_dotenv
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from app.config import env_text, server_settings  # noqa: E402
+from app.config import env_file, env_text, server_settings  # noqa: E402
 
 # `.env` first, so AI_CHAT_PORT, WEB_CONCURRENCY, LLM_DEADLINE ... set there apply to
-# the server itself and not only to the app. The path is explicit (next to this file)
-# so a `.env` in some parent directory is never picked up by accident. Values already
-# in the real environment win (override=False), as in the app.
-load_dotenv(os.path.join(ROOT, ".env"))
+# the server itself and not only to the app. The path is the app's own (next to this
+# file, or AI_CHAT_ENV_FILE), so a `.env` in some parent directory is never picked up
+# by accident. Values already in the real environment win (override=False), as in
+# the app.
+load_dotenv(env_file())
 
 # Numbers are parsed by the app's own rules (app/config.py): same defaults, and a
 # malformed value stops the master with one line naming the variable. Read before
@@ -77,37 +78,47 @@ bind = env_text(os.environ, "GUNICORN_BIND", f"{_host}:{_server['port']}")
 #
 # Worker processes
 #
-#   worker_class - gthread: a request spends almost all its time waiting for the
-#       LLM (seconds), and a waiting thread holds no CPU, so threads are the cheap
-#       way to overlap many slow calls in a synchronous Flask app.
+#   worker_class - app.worker.Worker: gunicorn's gthread, which also tells the app
+#       when a request was queued (a send that waited too long for a thread is
+#       refused before it spends anything) and when the worker is stopping (new
+#       sends get 503 while answers in flight finish). A request spends almost all
+#       its time waiting for the LLM (seconds), and a waiting thread holds no CPU,
+#       so threads are the cheap way to overlap many slow calls in a synchronous
+#       Flask app.
 #   workers - WEB_CONCURRENCY, default 2: one per core of the target 2-core box;
 #       more processes would not add throughput, only memory.
-#   threads - GUNICORN_THREADS, default 150: 2 x 150 = 300 LLM calls in flight per
-#       box. Keep-alive connections stay with the worker that accepted them and
-#       the split between workers is uneven (60/40 seen), so each worker gets
-#       headroom over its half of the 200 concurrent chats a 2-core box serves
-#       (bench/RESULTS.md). Each thread needs a database connection only around
-#       its short queries (DB_POOL_SIZE defaults to threads / 5); keep
-#       workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) x instances below
-#       PostgreSQL's max_connections.
-#   timeout - LLM_DEADLINE + 15 s. gthread heartbeats from its main loop, not from
-#       the request thread, but a worker must never be killed while a legitimate
-#       LLM call is still inside its deadline, whatever the worker type.
-#   graceful_timeout - LLM_DEADLINE + 5 s: on SIGTERM/redeploy, answers already
+#   threads - GUNICORN_THREADS, default 600: a chat holds its thread while the model
+#       answers, so threads come from concurrent chats, not from answers/s: 1000
+#       concurrent chats on a 2-core box is 500 per worker, and connections split
+#       unevenly between the workers (keep-alive connections stay with the worker
+#       that accepted them), hence the headroom. A thread needs a database
+#       connection only for its short statements (the pool is sized apart, see
+#       README "Sizing"). A stream holds its thread for its whole length.
+#   worker_connections - above threads, so kept-alive idle connections never take
+#       the place of a request.
+#   timeout - REQUEST_DEADLINE + 15 s. gthread heartbeats from its main loop, not
+#       from the request thread, but a worker must never be killed while a
+#       legitimate request is still inside its deadline, whatever the worker type.
+#   graceful_timeout - REQUEST_DEADLINE + 5 s: on SIGTERM/redeploy, answers already
 #       being generated are finished (the user's quota is already reserved for
-#       them) before the worker is forced down.
+#       them) before the worker is forced down; a stream still running by then
+#       ends itself with an error event and gives its unit back first.
 #   keepalive - 5 s: nginx keeps upstream connections open (keepalive 64), so idle
 #       keep-alive connections are worth holding a little longer than the default.
+#   backlog - connections the kernel queues while both workers are busy accepting:
+#       a burst of 1000 new chats must not find the queue full.
 #
 
-_llm_deadline = math.ceil(_server["llm_deadline"])
+_request_deadline = math.ceil(_server["request_deadline"])
 
-worker_class = "gthread"
+worker_class = "app.worker.Worker"
 workers = _server["workers"]
 threads = _server["threads"]
-timeout = _llm_deadline + 15
-graceful_timeout = _llm_deadline + 5
+worker_connections = max(1000, threads * 2)
+timeout = _request_deadline + 15
+graceful_timeout = _request_deadline + 5
 keepalive = 5
+backlog = 2048
 
 #
 # Server mechanics

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 
-from flask import Flask
+import click
+import swagger_ui_bundle
+from flask import Flask, send_from_directory
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -18,14 +20,17 @@ def create_app(overrides: dict | None = None) -> Flask:
     ``overrides`` take the place of environment variables (tests); without
     them the process environment and ``.env`` are read.
     """
-    from app import cli, config, errors, llm, logs, metrics
+    from app import cli, config, errors, logs, metrics, sql
     from app.chat.routes import blp as chat_blp
     from app.extensions import api, db, migrate
     from app.health.routes import blp as health_blp
+    from app.llm import LLM
 
     app = Flask(__name__)
-    # Russian answers as readable UTF-8, not \uXXXX escapes.
+    # Russian answers as readable UTF-8, not \uXXXX escapes, in the order the
+    # schemas give (Flask 3 reads these from the JSON provider, not config).
     app.json.ensure_ascii = False
+    app.json.sort_keys = False
     env = {**os.environ, **overrides} if overrides is not None else config.environ()
     app.config.update(config.load_config(env))
     app.config.update(
@@ -37,7 +42,9 @@ def create_app(overrides: dict | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        # Served by the service itself from the pinned swagger-ui-bundle
+        # package: no third-party script on the API's origin, works offline.
+        OPENAPI_SWAGGER_UI_URL=SWAGGER_UI_STATIC + "/",
         API_SPEC_OPTIONS={
             "components": {
                 "securitySchemes": {
@@ -45,13 +52,13 @@ def create_app(overrides: dict | None = None) -> Flask:
                 }
             },
         },
-        JSON_SORT_KEYS=False,
     )
 
     db.init_app(app)
-    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
-        with app.app_context():
+    with app.app_context():
+        if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
             event.listen(db.engine, "connect", _sqlite_pragmas)
+        sql.bound_every_statement(db.engine, app.config["SQL_TIMEOUTS"])
     migrate.init_app(app, db, directory=str(config.PROJECT_ROOT / "migrations"))
     api.init_app(app)
     api.register_blueprint(chat_blp)
@@ -60,18 +67,31 @@ def create_app(overrides: dict | None = None) -> Flask:
     logs.init_app(app)
     metrics.init_app(app)
     cli.init_app(app)
-    app.extensions["llm"] = llm.LLMClient(llm.LLMSettings.from_config(app.config))
+    app.extensions["llm"] = LLM(app.config)
+    app.add_url_rule(
+        f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file
+    )
 
     if app.config["PROXY_FIX_COUNT"]:
         count = app.config["PROXY_FIX_COUNT"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=count, x_proto=count, x_host=count)
 
-    if not app.extensions["llm"].configured:
+    # Said once, by the server: `flask db upgrade` before it (boot.sh) and the
+    # operator commands (`chat check` reports it itself) stay quiet.
+    if not app.extensions["llm"].configured and click.get_current_context(silent=True) is None:
         app.logger.warning(
             "LLM not configured: set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL "
             "(vLLM, Ollama, llama.cpp …); /v1/chat/send answers 503 until then"
         )
     return app
+
+
+SWAGGER_UI_STATIC = "/docs/static"
+
+
+def _swagger_ui_file(filename: str):
+    """Swagger UI's scripts and styles, from the pinned package."""
+    return send_from_directory(swagger_ui_bundle.swagger_ui_path, filename, max_age=86400)
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -96,15 +96,20 @@ def require_api_key() -> None:
         raise errors.Forbidden()
 
 
+def require_admin_key() -> None:
+    """Admin actions take ADMIN_API_KEY when set, else the ordinary key."""
+    admin_key = current_app.config["ADMIN_API_KEY"]
+    keys = (admin_key,) if admin_key else current_app.config["API_KEYS"]
+    if not _matches(request.headers.get("X-API-KEY"), keys):
+        raise errors.Forbidden()
+
+
 def admin_required(view):
-    """Admin endpoints take ADMIN_API_KEY when set, else the ordinary key."""
+    """Admin endpoints: see ``require_admin_key``."""
 
     @wraps(view)
     def wrapper(*args, **kwargs):
-        admin_key = current_app.config["ADMIN_API_KEY"]
-        keys = (admin_key,) if admin_key else current_app.config["API_KEYS"]
-        if not _matches(request.headers.get("X-API-KEY"), keys):
-            raise errors.Forbidden()
+        require_admin_key()
         return view(*args, **kwargs)
 
     return wrapper

@@ -1,10 +1,10 @@
 """Operator commands: ``flask --app wsgi chat ...``.
 
-``cleanup`` (history retention), ``reset-limit`` and ``stats`` (the admin use
-cases of the API, without going through HTTP) and ``check`` (configuration and
-connectivity). Every command runs inside an application context and exits
-non-zero when it could not do what was asked, so cron jobs and deploy scripts
-can rely on the status.
+``cleanup`` (history retention); ``reset-limit``, ``stats``, ``settings``,
+``set-limit`` and ``set-model`` (the admin use cases of the API, without
+going through HTTP); ``check`` (configuration and connectivity). Every
+command runs inside an application context and exits non-zero when it could
+not do what was asked, so cron jobs and deploy scripts can rely on the status.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.chat import service
 from app.chat.schemas import MAX_BIGINT
+from app.errors import ValidationFailed
 from app.extensions import db
-from app.models import UTCDateTime, begin_transaction, ping_database
+from app.models import MIGRATION_VERSION_TABLE, UTCDateTime, begin_transaction, ping_database
 
 chat = AppGroup("chat", help="Operator commands of the AI Chat Service.")
 
@@ -126,8 +127,60 @@ def stats(telegram_id: int, days: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return
+    by_model = result.pop("by_model")
     for name, value in result.items():
         click.echo(f"{name}: {'unlimited' if value is None else value}")
+    for row in by_model:
+        click.echo(f"model {row['model'] or '(not recorded)'}: "
+                   f"{row['requests']} request(s), {row['tokens']} token(s)")
+
+
+# --- per-user settings -----------------------------------------------------------
+
+
+def _print_settings(result: dict) -> None:
+    click.echo(f"telegram_id: {result['telegram_id']}")
+    click.echo(f"preferred_model: {result['preferred_model'] or 'default'}")
+    limit = result["daily_limit"]
+    shown = "default" if limit is None else ("unlimited" if limit == 0 else limit)
+    click.echo(f"daily_limit: {shown}")
+    click.echo(f"models: {', '.join(result['models'])}")
+
+
+def _update_settings(telegram_id: int, changes: dict) -> None:
+    try:
+        _print_settings(service.update_user_settings(telegram_id, changes))
+    except ValidationFailed as error:
+        raise click.UsageError(error.message) from None
+
+
+@chat.command("settings")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+def settings(telegram_id: int) -> None:
+    """A user's own settings (default = the service's) and the models."""
+    _print_settings(service.user_settings(telegram_id))
+
+
+@chat.command("set-limit")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+@click.argument("limit")
+def set_limit(telegram_id: int, limit: str) -> None:
+    """Give the user their own daily limit: N (0 = unlimited) or "default"."""
+    if limit == "default":
+        value = None
+    elif limit.isdigit():
+        value = int(limit)
+    else:
+        raise click.BadParameter("an integer >= 0 or 'default'", param_hint="LIMIT")
+    _update_settings(telegram_id, {"daily_limit": value})
+
+
+@chat.command("set-model")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+@click.argument("model")
+def set_model(telegram_id: int, model: str) -> None:
+    """Set the user's preferred model: a configured MODEL or "default"."""
+    _update_settings(telegram_id, {"preferred_model": None if model == "default" else model})
 
 
 # --- check ---------------------------------------------------------------------
@@ -146,16 +199,18 @@ def _reason(error: BaseException) -> str:
 
 def _check_config() -> tuple[bool, str]:
     config = current_app.config
-    settings = current_app.extensions["llm"].settings
+    llm = current_app.extensions["llm"]
     url = make_url(config["SQLALCHEMY_DATABASE_URI"]).render_as_string(hide_password=True)
-    llm = (
-        f"LLM {settings.model} at {settings.base_url or 'https://api.openai.com/v1'}"
-        if current_app.extensions["llm"].configured
+    models = (
+        f"models {', '.join(f'{m.name}@{m.provider.name}' for m in llm.models.values())} "
+        f"(default {llm.default.name}"
+        + (f", fallbacks {', '.join(m.name for m in llm.fallbacks)})" if llm.fallbacks else ")")
+        if llm.configured
         else "LLM not configured"
     )
     admin = "set" if config["ADMIN_API_KEY"] else "not set"
     return True, (
-        f"{len(config['API_KEYS'])} API key(s), admin key {admin}, {llm}, "
+        f"{len(config['API_KEYS'])} API key(s), admin key {admin}, {models}, "
         f"daily limit {config['DAILY_LIMIT'] or 'unlimited'}, database {url}"
     )
 
@@ -176,7 +231,10 @@ def _check_schema() -> tuple[bool, str]:
     heads = set(ScriptDirectory.from_config(migrate.get_config()).get_heads())
     try:
         with db.engine.connect() as connection:
-            current = set(MigrationContext.configure(connection).get_current_heads())
+            context = MigrationContext.configure(
+                connection, opts={"version_table": MIGRATION_VERSION_TABLE}
+            )
+            current = set(context.get_current_heads())
     except SQLAlchemyError as error:
         return False, _reason(error)
     if current == heads:
@@ -187,30 +245,36 @@ def _check_schema() -> tuple[bool, str]:
     )
 
 
-def _check_llm() -> tuple[bool, str]:
+def _llm_checks() -> list[tuple[str, tuple[bool, str]]]:
+    """One check per provider that a configured model uses."""
     llm = current_app.extensions["llm"]
     if not llm.configured:
-        return False, "not configured: set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL"
-    try:
-        return True, llm.ping(timeout=min(llm.settings.timeout, LLM_CHECK_TIMEOUT))
-    except Exception as error:  # any failure is the check's answer
-        return False, f"{llm.settings.base_url or 'OpenAI'}: {_reason(error)}"
+        return [("llm", (False, "not configured: set OPENAI_API_KEY (OpenAI) or OPENAI_BASE_URL"))]
+    timeout = min(llm.settings.timeout, LLM_CHECK_TIMEOUT)
+    checks = []
+    used = {model.provider.name: model.provider for model in llm.models.values()}
+    for name, provider in used.items():
+        try:
+            result = True, llm.ping(provider, timeout)
+        except Exception as error:  # any failure is the check's answer
+            result = False, f"{provider.base_url}: {_reason(error)}"
+        checks.append((f"llm {name}", result))
+    return checks
 
 
 CHECKS = (
     ("config", _check_config),
     ("database", _check_database),
     ("schema", _check_schema),
-    ("llm", _check_llm),
 )
 
 
 @chat.command("check")
 def check() -> None:
-    """Check config, database, schema and the LLM endpoint."""
+    """Check config, database, schema and every LLM provider."""
     failed = []
-    for name, run in CHECKS:
-        ok, detail = run()
+    results = [(name, run()) for name, run in CHECKS] + _llm_checks()
+    for name, (ok, detail) in results:
         click.echo(f"{name}: {'ok' if ok else 'FAILED'} - {detail}")
         if not ok:
             failed.append(name)

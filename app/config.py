@@ -7,12 +7,21 @@ Every setting is parsed once into a typed value and handed to Flask's
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from app.render import FORMATS
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = PROJECT_ROOT / "var" / "ai_chat.db"
+# The bot gives up on an answer after this many seconds.
+BOT_TIMEOUT_SECONDS = 60
+# Values copied from examples and documentation; a key that anyone can read is no key.
+PLACEHOLDER_KEYS = frozenset(
+    {"change-me", "changeme", "change_me", "replace-me", "your-secret-key", "secret", "example"}
+)
 
 
 class ConfigError(SystemExit):
@@ -49,17 +58,39 @@ def env_number(env: Mapping, name: str, default, kind, minimum=None, maximum=Non
     return value
 
 
+def _choice(env: Mapping, name: str, default: str, choices) -> str:
+    value = env_text(env, name, default)
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(choices)}")
+    return value
+
+
 def _keys(raw: str | None) -> tuple[str, ...]:
     return tuple(key.strip() for key in (raw or "").split(",") if key.strip())
 
 
-def database_url(env: Mapping) -> str:
+def _refuse_placeholder(name: str, keys) -> None:
+    for key in keys:
+        if key.lower() in PLACEHOLDER_KEYS:
+            raise ConfigError(
+                f"{name} is the placeholder {key!r} (from .env.example); set a secret of "
+                "your own, e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+
+
+def database_url(env: Mapping, name: str | None = None) -> str | None:
     """The SQLAlchemy URL, with PostgreSQL URLs pinned to psycopg2.
 
     SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and the old
     service used ``postgresql+asyncpg://``; we ship psycopg2-binary only.
+    Without ``name``: the service's database (SQLite by default).
     """
-    url = env_text(env, "AI_CHAT_DATABASE_URL") or env_text(env, "DATABASE_URL")
+    if name is not None:
+        url = env_text(env, name)
+        if url is None:
+            return None
+    else:
+        url = env_text(env, "AI_CHAT_DATABASE_URL") or env_text(env, "DATABASE_URL")
     if url is None:
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{DEFAULT_SQLITE_PATH}"
@@ -69,41 +100,160 @@ def database_url(env: Mapping) -> str:
     return url
 
 
-def _engine_options(url: str, pool_size: int, max_overflow: int) -> dict:
+def _engine_options(url: str, pool: dict) -> dict:
+    if url.startswith("sqlite") and url.split("://", 1)[1] in ("", "/:memory:"):
+        # In-memory SQLite (checks, tools): one shared connection, no pool.
+        return {"hide_parameters": True, "isolation_level": "AUTOCOMMIT"}
     common = {
         # Bound values are sellers' texts: keep them out of exception messages.
         "hide_parameters": True,
         # Every statement of the hot path is a unit of work by itself (the
         # quota is one atomic statement), so BEGIN and COMMIT would only add
         # two round trips each; multi-statement units open a transaction
-        # explicitly (app.models.begin_transaction).
+        # explicitly (app.models.begin_transaction, app.sql.transaction).
         "isolation_level": "AUTOCOMMIT",
+        # A thread that finds every connection busy waits this long for one
+        # (the hot path retries within the request's deadline after that).
+        "pool_timeout": pool["timeout"],
     }
     if url.startswith("sqlite"):
         # SQLite serialises writers; wait for the lock instead of failing.
-        return {**common, "connect_args": {"timeout": 15, "check_same_thread": False}}
+        # One connection per thread at most, so no thread ever waits for the
+        # pool (SQLAlchemy's default of 5 + 10 would starve 600 threads).
+        return {
+            **common,
+            "pool_size": pool["threads"],
+            "max_overflow": 0,
+            "connect_args": {"timeout": 15, "check_same_thread": False},
+        }
     return {
         **common,
-        "pool_size": pool_size,
-        "max_overflow": max_overflow,
-        # Fail fast (503) instead of hanging when the pool or the server is gone.
-        "pool_timeout": 5,
+        "pool_size": pool["size"],
+        "max_overflow": pool["overflow"],
         "pool_recycle": 1800,
-        "connect_args": {
-            "connect_timeout": 3,
-            "options": "-c statement_timeout=5000 -c lock_timeout=3000",
-            "application_name": "ai_chat",
-        },
+        # No session settings (libpq "options"): PgBouncer in transaction
+        # pooling mode refuses them, and a SET would stick to a server
+        # connection other clients share. The timeouts travel with every
+        # statement instead (SQL_TIMEOUTS below).
+        "connect_args": {"connect_timeout": 3, "application_name": "ai_chat"},
+    }
+
+
+def sql_timeouts(url: str, env: Mapping) -> str:
+    """The prefix that bounds every statement the app sends to PostgreSQL.
+
+    ``SET LOCAL`` lasts for the transaction; sent in the same query string as
+    the statement, it makes one implicit transaction with it on an autocommit
+    connection, so it holds through PgBouncer's transaction pooling and never
+    leaks to another client. It costs no round trip (about 3 µs).
+    """
+    if not url.startswith("postgresql"):
+        return ""
+    statement_ms = env_number(env, "DB_STATEMENT_TIMEOUT", 5.0, float, 0.1, 600.0) * 1000
+    lock_ms = env_number(env, "DB_LOCK_TIMEOUT", 3.0, float, 0.1, 600.0) * 1000
+    return (
+        f"SET LOCAL statement_timeout = {statement_ms:.0f}; "
+        f"SET LOCAL lock_timeout = {lock_ms:.0f}; "
+    )
+
+
+def _names(env: Mapping, name: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (env_text(env, name) or "").split(",") if part.strip())
+
+
+def llm_settings(env: Mapping) -> dict:
+    """Providers, models, fallbacks and the breaker (contract, "Models").
+
+    Raises:
+        ConfigError: a malformed pair, an unknown provider, a duplicate model,
+            a fallback or default model that is not configured.
+    """
+    openai_key = env_text(env, "OPENAI_API_KEY")
+    openai_url = env_text(env, "OPENAI_BASE_URL")
+    # The provider "openai" always exists; it is configured when either is set
+    # (a local server such as vLLM needs no key).
+    providers = {"openai": {"base_url": openai_url, "api_key": openai_key,
+                            "configured": bool(openai_key or openai_url)}}
+    for pair in _names(env, "LLM_PROVIDERS"):
+        name, sep, base_url = pair.partition("=")
+        name, base_url = name.strip(), base_url.strip()
+        if not sep or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) or not base_url:
+            raise ConfigError(
+                f"LLM_PROVIDERS: {pair!r} is not name=base_url (name: a-z 0-9 _ -)"
+            )
+        if name == "openai":
+            raise ConfigError("LLM_PROVIDERS: 'openai' is built in (OPENAI_BASE_URL)")
+        key_name = f"LLM_PROVIDER_{name.upper().replace('-', '_')}_API_KEY"
+        providers[name] = {
+            "base_url": base_url, "api_key": env_text(env, key_name), "configured": True,
+        }
+    default_model = env_text(env, "OPENAI_MODEL", "gpt-4o-mini")
+    models: dict[str, str] = {}
+    for pair in _names(env, "LLM_MODELS") or (f"{default_model}@openai",):
+        model, sep, provider = pair.rpartition("@")
+        if not sep or not model:
+            raise ConfigError(f"LLM_MODELS: {pair!r} is not model@provider")
+        if provider not in providers:
+            raise ConfigError(
+                f"LLM_MODELS: {pair!r} names provider {provider!r}, which is not in "
+                f"LLM_PROVIDERS ({', '.join(providers)})"
+            )
+        if model in models:
+            raise ConfigError(f"LLM_MODELS: model {model!r} is listed twice")
+        if not providers[provider]["configured"] and env_text(env, "LLM_MODELS"):
+            raise ConfigError(
+                f"LLM_MODELS: {pair!r} needs the provider openai: set OPENAI_API_KEY "
+                "or OPENAI_BASE_URL"
+            )
+        models[model] = provider
+    if default_model not in models:
+        raise ConfigError(
+            f"OPENAI_MODEL={default_model!r} (the default model) is not one of LLM_MODELS "
+            f"({', '.join(models)})"
+        )
+    fallbacks = _names(env, "LLM_FALLBACK_MODELS")
+    for model in fallbacks:
+        if model not in models:
+            raise ConfigError(
+                f"LLM_FALLBACK_MODELS: {model!r} is not one of LLM_MODELS ({', '.join(models)})"
+            )
+    return {
+        "LLM_PROVIDERS": providers,
+        "LLM_MODELS": models,
+        "LLM_DEFAULT_MODEL": default_model,
+        "LLM_FALLBACK_MODELS": fallbacks,
+        "LLM_BREAKER_FAILURES": env_number(env, "LLM_BREAKER_FAILURES", 5, int, 1, 1000),
+        "LLM_BREAKER_OPEN_SECONDS": env_number(
+            env, "LLM_BREAKER_OPEN_SECONDS", 30.0, float, 0.1, 3600.0
+        ),
     }
 
 
 def server_settings(env: Mapping) -> dict:
-    """What gunicorn.conf.py and the app both need: one parse, one default."""
+    """What gunicorn.conf.py and the app both need: one parse, one default.
+
+    ``request_deadline`` bounds a request from its arrival (queue wait,
+    personalisation, the model with its retries, the writes after it); the
+    model gets ``llm_deadline`` of it, and a request that waited in the queue
+    longer than ``queue_timeout`` could no longer get that, so it is refused
+    before anything is spent.
+    """
+    llm_deadline = env_number(env, "LLM_DEADLINE", 45.0, float, 1.0, 600.0)
+    request_deadline = env_number(
+        env, "REQUEST_DEADLINE", llm_deadline + 10.0, float, llm_deadline, 900.0
+    )
     return {
         "port": env_number(env, "AI_CHAT_PORT", 9001, int, 1, 65535),
         "workers": env_number(env, "WEB_CONCURRENCY", 2, int, 1),
-        "threads": env_number(env, "GUNICORN_THREADS", 150, int, 1),
-        "llm_deadline": env_number(env, "LLM_DEADLINE", 45.0, float, 1.0, 600.0),
+        # Threads from concurrent chats: a chat holds its thread while the model
+        # answers, so a 2-core box with 1000 chats at once needs 500 per worker,
+        # plus headroom for the uneven split of connections between workers.
+        "threads": env_number(env, "GUNICORN_THREADS", 600, int, 1),
+        "llm_deadline": llm_deadline,
+        "request_deadline": request_deadline,
+        "queue_timeout": env_number(
+            env, "QUEUE_TIMEOUT", request_deadline - llm_deadline, float, 0.0, 900.0
+        ),
     }
 
 
@@ -119,6 +269,9 @@ def load_config(env: Mapping) -> dict:
             "API_SECRET_KEY is not set; set API_SECRET_KEY=<key> "
             "(comma-separated for rotation) in the environment or .env"
         )
+    _refuse_placeholder("API_SECRET_KEY", api_keys)
+    admin_key = env_text(env, "ADMIN_API_KEY")
+    _refuse_placeholder("ADMIN_API_KEY", _keys(admin_key))
     timezone_name = env_text(env, "AI_CHAT_TIMEZONE", "Europe/Moscow")
     try:
         timezone = ZoneInfo(timezone_name)
@@ -127,22 +280,29 @@ def load_config(env: Mapping) -> dict:
 
     url = database_url(env)
     server = server_settings(env)
-    threads = server["threads"]
-    # A thread holds a connection only around its short queries; a pool much
-    # smaller than the threads makes SQLAlchemy open and close overflow
-    # connections under load (measured in bench/RESULTS.md), so ~threads/5.
-    pool_size = env_number(env, "DB_POOL_SIZE", max(10, threads // 5), int, 1)
-    max_overflow = env_number(env, "DB_MAX_OVERFLOW", 10, int, 0)
+    # A thread holds a connection only for its short statements, never while
+    # the model answers: the pool is sized by the database phases' duty cycle,
+    # not by threads. 2 instances x 2 workers x (10 + 10) = 80 connections
+    # stay under PostgreSQL's default max_connections of 100.
+    pool = {
+        "size": env_number(env, "DB_POOL_SIZE", 10, int, 1),
+        "overflow": env_number(env, "DB_MAX_OVERFLOW", 10, int, 0),
+        "timeout": env_number(env, "DB_POOL_TIMEOUT", 5.0, float, 0.1, 60.0),
+        "threads": server["threads"],
+    }
     deadline = server["llm_deadline"]
     return {
         "API_KEYS": api_keys,
-        "ADMIN_API_KEY": env_text(env, "ADMIN_API_KEY"),
+        "ADMIN_API_KEY": admin_key,
         "SQLALCHEMY_DATABASE_URI": url,
-        "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(url, pool_size, max_overflow),
+        # Migrations need a session of their own (an advisory lock held across
+        # CREATE INDEX CONCURRENTLY), which PgBouncer's transaction pooling does
+        # not give: behind it, point this at PostgreSQL itself.
+        "MIGRATIONS_DATABASE_URL": database_url(env, "MIGRATIONS_DATABASE_URL") or url,
+        "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(url, pool),
+        "SQL_TIMEOUTS": sql_timeouts(url, env),
         "MAX_CONTENT_LENGTH": env_number(env, "MAX_CONTENT_LENGTH", 64 * 1024, int, 1024),
-        "OPENAI_API_KEY": env_text(env, "OPENAI_API_KEY"),
-        "OPENAI_BASE_URL": env_text(env, "OPENAI_BASE_URL"),
-        "OPENAI_MODEL": env_text(env, "OPENAI_MODEL", "gpt-4o-mini"),
+        **llm_settings(env),
         "OPENAI_TEMPERATURE": env_number(env, "OPENAI_TEMPERATURE", 0.7, float, 0.0, 2.0),
         "OPENAI_MAX_TOKENS": env_number(env, "OPENAI_MAX_TOKENS", 1000, int, 1),
         "OPENAI_TIMEOUT": env_number(env, "OPENAI_TIMEOUT", min(20.0, deadline), float, 0.1),
@@ -151,6 +311,8 @@ def load_config(env: Mapping) -> dict:
             env, "OPENAI_RETRY_BASE_DELAY", 0.5, float, 0.0, 10.0
         ),
         "LLM_DEADLINE": deadline,
+        "REQUEST_DEADLINE": server["request_deadline"],
+        "QUEUE_TIMEOUT": server["queue_timeout"],
         "DAILY_LIMIT": env_number(env, "DAILY_LIMIT", 30, int, 0),
         "TIMEZONE": timezone,
         "CONTEXT_MESSAGES": env_number(env, "CONTEXT_MESSAGES", 5, int, 0, 100),
@@ -159,13 +321,31 @@ def load_config(env: Mapping) -> dict:
         "USER_CONTEXT_TIMEOUT": env_number(env, "USER_CONTEXT_TIMEOUT", 2.0, float, 0.05, 30.0),
         "USER_CONTEXT_API_KEY": env_text(env, "USER_CONTEXT_API_KEY", api_keys[0]),
         "PROXY_FIX_COUNT": env_number(env, "PROXY_FIX_COUNT", 0, int, 0, 10),
+        "RESPONSE_FORMAT": _choice(env, "RESPONSE_FORMAT", "telegram_html", FORMATS),
+        "STREAM_SNAPSHOT_INTERVAL": env_number(
+            env, "STREAM_SNAPSHOT_INTERVAL", 1.0, float, 0.05, 60.0
+        ),
+        "STREAM_MAX_SECONDS": env_number(env, "STREAM_MAX_SECONDS", 300.0, float, 1.0, 3600.0),
+        # Under the contract's 15 s, so no proxy ever sees 15 s of silence.
+        "STREAM_KEEPALIVE_SECONDS": env_number(
+            env, "STREAM_KEEPALIVE_SECONDS", 10.0, float, 0.05, 15.0
+        ),
         "LOG_LEVEL": (env_text(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
         "LOG_FORMAT": env_text(env, "LOG_FORMAT", "json"),
     }
+
+
+def env_file() -> str:
+    """The ``.env`` file to read: ``AI_CHAT_ENV_FILE``, else the project's own.
+
+    Only this one file, never one found in a parent directory (tests point it
+    at /dev/null, so a developer's ``.env`` cannot change what they see).
+    """
+    return os.environ.get("AI_CHAT_ENV_FILE") or str(PROJECT_ROOT / ".env")
 
 
 def environ() -> dict:
     """The process environment (``.env`` applied underneath it)."""
     from dotenv import dotenv_values
 
-    return {**dotenv_values(PROJECT_ROOT / ".env"), **os.environ}
+    return {**dotenv_values(env_file()), **os.environ}

@@ -1,9 +1,11 @@
 """Domain exceptions and the one JSON error shape of the contract.
 
 Every error leaves the service as ``{"error": <snake_case code>, "message":
-<text>, ...}``. Services raise the exceptions below; ``register_error_handlers``
-maps them, werkzeug's HTTP errors and database outages to that shape, so no
-view carries a try/except and no exception text ever reaches a client.
+<text>, ..., "detail": {the same fields}}``: ``detail`` is the shape of the
+old FastAPI service, which the bot in production reads (``detail.message``).
+Services raise the exceptions below; ``register_error_handlers`` maps them,
+werkzeug's HTTP errors and database outages to that shape, so no view
+carries a try/except and no exception text ever reaches a client.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import traceback
 import uuid
 
 import marshmallow as ma
+from blinker import Namespace
 from flask import Flask, g
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
@@ -20,6 +23,22 @@ from werkzeug.exceptions import HTTPException
 from app.logs import annotate
 
 log = logging.getLogger(__name__)
+
+# The database could not serve a statement, whatever the reason: server gone
+# or restarting (OperationalError), connection broken under the driver
+# (InterfaceError), every pooled connection busy (TimeoutError). None of them
+# is a bug; each means "try again shortly", and each is handled the same way
+# wherever the database is used (503, write retries, refunds).
+DATABASE_OUTAGE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.TimeoutError,
+    sa_exc.DisconnectionError,
+)
+
+# Sent with the exception whenever a request is answered 503 for a database
+# outage; app.metrics counts them (errors stay free of the metrics module).
+database_outage = Namespace().signal("database-outage")
 
 
 class ApiError(Exception):
@@ -83,6 +102,14 @@ class DatabaseUnavailable(ApiError):
     message = "Сервис временно недоступен. Попробуйте позже."
 
 
+class ServiceUnavailable(ApiError):
+    """Refused before anything was reserved: the worker is stopping, or the
+    request waited in the queue too long to be answered in time."""
+
+    status, code = 503, "service_unavailable"
+    message = "Сервис перегружен или перезапускается. Повторите запрос через минуту."
+
+
 # Werkzeug's own HTTP errors, named the contract's way.
 _HTTP_CODES = {
     400: ("bad_request", "Invalid request parameters."),
@@ -106,6 +133,9 @@ class ErrorSchema(ma.Schema):
     requests_today = ma.fields.Integer(metadata={"description": "429 only"})
     requests_remaining = ma.fields.Integer(metadata={"description": "429 only"})
     reset_at = ma.fields.String(metadata={"description": "429 only, ISO 8601"})
+    detail = ma.fields.Dict(
+        metadata={"description": "The same fields again, as the old service's FastAPI shape"}
+    )
 
     class Meta:
         unknown = ma.INCLUDE
@@ -124,9 +154,15 @@ def _flatten_field_errors(messages) -> dict:
     return flat
 
 
-def error_body(error: ApiError) -> dict:
-    annotate(error=error.code)
-    return {"error": error.code, "message": error.message, **error.extra}
+def error_body(code: str, message: str, **extra) -> dict:
+    """The contract's error body: the fields, and ``detail`` repeating them."""
+    annotate(error=code)
+    fields = {"error": code, "message": message, **extra}
+    return {**fields, "detail": dict(fields)}
+
+
+def api_error_body(error: ApiError) -> dict:
+    return error_body(error.code, error.message, **error.extra)
 
 
 def http_error_response(error: HTTPException):
@@ -134,23 +170,21 @@ def http_error_response(error: HTTPException):
     if error.code is not None and error.code >= 500:
         return unexpected_error_response(error)
     code, message = _HTTP_CODES.get(error.code, ("http_error", error.name))
-    annotate(error=code)
-    body = {"error": code, "message": message}
     data = getattr(error, "data", None) or {}
     messages = data.get("messages")
-    if messages:
-        body["errors"] = _flatten_field_errors(messages)
-    return body, error.code, data.get("headers") or {}
+    extra = {"errors": _flatten_field_errors(messages)} if messages else {}
+    headers = dict(data.get("headers") or {})
+    if error.code == 405 and error.valid_methods:
+        headers["Allow"] = ", ".join(error.valid_methods)
+    return error_body(code, message, **extra), error.code, headers
 
 
 def api_error_response(error: ApiError):
-    return error_body(error), error.status, error.headers
+    return api_error_body(error), error.status, error.headers
 
 
 def database_error_response(error: Exception):
-    from app.metrics import DATABASE_ERRORS
-
-    DATABASE_ERRORS.inc()
+    database_outage.send(error)
     log.error("database unavailable: %s", type(error).__name__)
     return api_error_response(DatabaseUnavailable())
 
@@ -169,17 +203,14 @@ def unexpected_error_response(error: Exception):
         request_id,
         stack,
     )
-    body = error_body(ApiError())
-    body["request_id"] = request_id
-    return body, 500
+    error = ApiError(request_id=request_id)
+    return api_error_body(error), 500
 
 
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers; the most specific class wins in Flask."""
     app.register_error_handler(ApiError, api_error_response)
     app.register_error_handler(HTTPException, http_error_response)
-    # Connection refused, server gone, pool exhausted: an outage, not a bug.
-    app.register_error_handler(sa_exc.OperationalError, database_error_response)
-    app.register_error_handler(sa_exc.InterfaceError, database_error_response)
-    app.register_error_handler(sa_exc.TimeoutError, database_error_response)
+    for outage in DATABASE_OUTAGE:
+        app.register_error_handler(outage, database_error_response)
     app.register_error_handler(Exception, unexpected_error_response)

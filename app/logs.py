@@ -44,13 +44,24 @@ def _log_request(response: Response) -> Response:
             "method": request.method,
             "path": request.path,
             "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - g.request_started) * 1000, 2),
-            **g.get("log_fields", {}),
         }
-        if "outcome" not in fields:
-            fields["outcome"] = "ok" if response.status_code < 400 else "error"
-        log.info("request", extra=fields)
+        # The same dict object the request (or its stream) keeps annotating.
+        annotations = g.setdefault("log_fields", {})
+        started = g.request_started
+        if response.is_streamed:
+            # A stream's line is written when it ends, with its outcome.
+            response.call_on_close(lambda: _write_line(fields, annotations, started))
+        else:
+            _write_line(fields, annotations, started)
     return response
+
+
+def _write_line(fields: dict, annotations: dict, started: float) -> None:
+    fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    fields.update(annotations)
+    if "outcome" not in fields:
+        fields["outcome"] = "ok" if fields["status"] < 400 else "error"
+    log.info("request", extra=fields)
 
 
 class _RequestIdFilter(logging.Filter):

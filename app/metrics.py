@@ -17,10 +17,14 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
 )
+
+from app.errors import database_outage
+from app.extensions import api
 
 # Latency buckets in seconds: sub-millisecond service phases up to a slow LLM.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 10, 20, 45, 60)
@@ -40,17 +44,43 @@ PHASE_DURATION = Histogram(
     ["phase"],
     buckets=BUCKETS,
 )
+# Model and provider labels come from the configuration only (LLM_MODELS).
 LLM_REQUESTS = Counter(
     "ai_chat_llm_requests_total",
-    "LLM calls by outcome (ok, timeout, unavailable, not_configured)",
-    ["outcome"],
+    "Calls of a model (retries included) by outcome (ok, timeout, unavailable, rejected)",
+    ["model", "provider", "outcome"],
 )
 LLM_DURATION = Histogram(
     "ai_chat_llm_request_duration_seconds",
-    "Time of one LLM call, retries included",
+    "Time of one model's call, retries included (to the first piece when streamed)",
+    ["model", "provider"],
     buckets=BUCKETS,
 )
-LLM_TOKENS = Counter("ai_chat_llm_tokens_total", "Tokens used by answered requests")
+LLM_TOKENS = Counter(
+    "ai_chat_llm_tokens_total", "Tokens used by answered requests", ["model", "provider"]
+)
+LLM_FALLBACKS = Counter(
+    "ai_chat_llm_fallbacks_total",
+    "Requests that moved on from a failed model to the next",
+    ["from_model", "to_model"],
+)
+LLM_SKIPPED = Counter(
+    "ai_chat_llm_skipped_total", "Models passed over because their circuit was open", ["provider"]
+)
+LLM_BREAKER_OPENED = Counter(
+    "ai_chat_llm_breaker_opened_total", "Times a provider's circuit opened", ["provider"]
+)
+STREAM_FIRST_TOKEN = Histogram(
+    "ai_chat_stream_first_token_seconds",
+    "Time from a stream's arrival to its first delta sent",
+    buckets=BUCKETS,
+)
+STREAMS_IN_FLIGHT = Gauge(
+    "ai_chat_streams_in_flight", "Streams being answered", multiprocess_mode="livesum"
+)
+STREAMS_ENDED = Counter(
+    "ai_chat_streams_total", "Streams by how they ended (done, error, client_gone)", ["outcome"]
+)
 QUOTA_RESERVATIONS = Counter("ai_chat_quota_reservations_total", "Quota units reserved")
 QUOTA_REJECTIONS = Counter("ai_chat_quota_rejections_total", "Sends refused with 429")
 QUOTA_REFUNDS = Counter("ai_chat_quota_refunds_total", "Reserved units given back")
@@ -76,6 +106,11 @@ def metrics_view() -> Response:
     return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
 
 
+# Label values come from a fixed set only: a client can send any method and
+# any path, and each new label value would be a new series forever.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def _start_timer() -> None:
     g.started_at = time.perf_counter()
 
@@ -84,16 +119,27 @@ def _record(response: Response) -> Response:
     started = g.get("started_at")
     # The route pattern, not the path: ids in paths would explode the labels.
     endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-    HTTP_REQUESTS.labels(endpoint, request.method, str(response.status_code)).inc()
+    method = request.method if request.method in METHODS else "other"
+    HTTP_REQUESTS.labels(endpoint, method, str(response.status_code)).inc()
     if started is not None:
-        HTTP_DURATION.labels(endpoint, request.method).observe(time.perf_counter() - started)
+        def observe():
+            HTTP_DURATION.labels(endpoint, method).observe(time.perf_counter() - started)
+
+        # A stream is timed to its end, not to its first byte.
+        if response.is_streamed:
+            response.call_on_close(observe)
+        else:
+            observe()
     return response
+
+
+def _count_database_outage(_error, **_kwargs) -> None:
+    DATABASE_ERRORS.inc()
 
 
 def init_app(app: Flask) -> None:
     """Time every request and serve ``/metrics`` (documented in the OpenAPI spec)."""
-    from app.extensions import api
-
+    database_outage.connect(_count_database_outage)
     app.before_request(_start_timer)
     app.after_request(_record)
     app.add_url_rule("/metrics", "metrics", metrics_view)

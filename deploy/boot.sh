@@ -8,8 +8,16 @@ set -e
 # `.env` and `gunicorn.conf.py` are all found relative to it.
 cd "$(dirname "$0")/.."
 
+# Flask's CLI would also load a .env it finds in any parent directory; the app reads
+# its own (AI_CHAT_ENV_FILE, default the project's .env), exactly as gunicorn.conf.py
+# does, so both steps below see the same settings.
+export FLASK_SKIP_DOTENV=1
+
 # Schema changes go through Alembic only (the app never calls create_all); a failed
-# migration stops the boot here instead of serving against the wrong schema.
+# migration stops the boot here instead of serving against the wrong schema. The
+# migration state lives in ai_chat_alembic_version, so a database shared with the
+# main server (which keeps its own alembic_version) is fine; instances booting at
+# once take turns on an advisory lock.
 flask --app wsgi db upgrade
 
 # exec, not a child: SIGTERM from Docker/systemd must reach the gunicorn master

@@ -3,23 +3,94 @@
 The service under test talks to an upstream LLM through the official ``openai``
 client.  Pointing ``OPENAI_BASE_URL`` at this server gives tests a deterministic,
 scriptable upstream: every chat-completions call is recorded, and its behaviour
-(success, HTTP error, slow answer, dropped connection, non-JSON body) can be
-queued per request or drawn at random in "chaos" mode.
+(success, HTTP error, slow answer, dropped connection, non-JSON body, a stream
+that stalls or breaks) can be queued per request, per model, or drawn at random
+in "chaos" mode.  Each ``FakeLLM`` is one provider on its own port; start as many
+as a test needs, they share nothing.
 
 Typical use::
 
-    from tests.fake_llm import FakeLLM, ok, status, drop
+    from tests.fake_llm import FakeLLM, ok, status, drop, stream_break
 
     with FakeLLM() as fake:
         fake.script(status(429), ok("hi", tokens=10))
         ...  # run the app with OPENAI_BASE_URL=fake.url
         assert fake.outcomes == ["status:429", "ok"]
 
+        fake.script_for("gpt-small", stream_break(after=2))
+        ...  # a streamed call to "gpt-small" gets the role chunk, 2 pieces, then EOF
+
+Which step serves a request: the model's own queue (``script_for``), else the
+global queue (``script``), else chaos, else the default answer after
+``latency`` seconds (outcome ``"ok"``, streamed or not).  Chaos: with
+probability ``failure_rate`` an unscripted request gets, uniformly, 500, 503,
+429, 400, ``drop`` or a ``chaos_timeout`` delay; streaming requests may also
+get a ``stream_break`` after 0-3 pieces.
+
+Steps (each returns a plain dict to pass to ``script``/``script_for``):
+
+- ``ok(text=None, tokens=None, delay=0.0)``: success after ``delay``.
+- ``status(code, delay=0.0)``: HTTP error with an OpenAI-style body.
+- ``delay(seconds)``: succeed after ``seconds`` (meant to outlast a client timeout).
+- ``drop()``: close the TCP connection without answering.
+- ``garbage()``: 200 with a body that is not JSON.
+- ``hang()``: never answer; wait until the client goes away.
+- ``stream_ok(text=None, *, chunks=None, pieces=None, first_token_delay=0.0,
+  chunk_delay=None, usage=True, tokens=None)``: a complete stream.
+- ``stream_break(after=1, text=None, ...)``: ``after`` content chunks, then the
+  connection is dropped without the final chunk or ``[DONE]``.
+- ``stream_hang(after=1, text=None, ...)``: ``after`` content chunks, then silence
+  until the client goes away.
+- ``stream_error(after=1, text=None, *, message=None, ...)``: ``after`` content
+  chunks, then an ``{"error": ...}`` event (the openai SDK raises ``APIError``)
+  and a cleanly ended body.
+
+Streaming (request body ``"stream": true``) follows the chat-completions SSE
+protocol: a ``200 text/event-stream`` chunked response whose head and first
+event (``delta: {"role": "assistant", "content": ""}``) go out at once; then,
+``first_token_delay`` seconds later, one ``chat.completion.chunk`` per piece
+(``delta.content``), ``chunk_delay`` seconds apart; then a chunk with an empty
+delta and ``finish_reason: "stop"``; then, only if the request had
+``stream_options: {"include_usage": true}`` (and the step's ``usage`` is true),
+a chunk with ``"choices": []`` and ``usage``; then ``data: [DONE]``.  The
+connection stays open for the next request (keep-alive).  Unscripted streams
+use ``latency`` as the first-token delay, ``chunk_delay`` between pieces and
+``stream_pieces`` pieces (``None``: one piece per word; more pieces than
+characters gives some empty pieces).  The sync openai SDK stops reading at
+``[DONE]``, before the end of the chunked body, so it closes the connection
+after every stream; the async SDK and clients that read the body to its end
+reuse it.
+
+Non-stream steps served to a streaming request: ``ok``/``delay`` stream their
+answer (their delay becomes the first-token delay), ``status``/``drop``/
+``hang`` happen before any stream starts, ``garbage`` sends one event whose
+data is not JSON.  Stream steps served to a non-streaming request:
+``stream_ok`` answers the joined text after ``first_token_delay``,
+``stream_break`` drops, ``stream_hang`` hangs, ``stream_error`` answers 500.
+
+Client-gone accounting: while waiting (any delay, between chunks, hanging)
+the fake polls the connection, so a client that closes its socket is noticed
+within milliseconds.  ``streams_started`` / ``streams_completed`` (the fake
+wrote its whole scripted response) / ``streams_broken`` (``stream_break``) /
+``streams_abandoned`` (the client went away first) / ``streams_in_flight`` count
+streams; ``requests_abandoned`` counts requests whose client went away before
+any answer was written.  To assert that the service closed its upstream
+stream: ``assert fake.wait_for(lambda: fake.streams_abandoned == 1, timeout=1)``.
+A client that closes while the fake is busy writing (no delay to wait in) may
+go unnoticed: the kernel accepts those writes.
+
+Records: ``requests`` (dicts with ``path``, ``headers``, ``body``, ``model``,
+``stream``), ``outcomes`` (step labels such as ``"ok"``, ``"status:429"``,
+``"stream_break"``), ``models``, ``streamed``, ``authorizations``, ``calls``
+and ``connections`` (TCP connections accepted, to check keep-alive reuse).
+
 Standalone (for benchmarks), run from the project root::
 
     python -m tests.fake_llm --port 8089 --latency 0.5 [--failure-rate 0.0]
+        [--chunk-delay 0.0225] [--stream-pieces 200] [--answer-chars 800]
 
-Default answer is ``"Ответ: " + <last user message>`` cut to 200 characters;
+Default answer is ``"Ответ: " + <last user message>`` cut to 200 characters
+(with ``answer_chars``: repeated or cut to exactly that many characters);
 usage is ``prompt_tokens = <chars of all message contents> // 4 + 1`` and
 ``completion_tokens = len(answer) // 4 + 1`` so tests can predict token counts.
 """
@@ -27,13 +98,20 @@ usage is ``prompt_tokens = <chars of all message contents> // 4 + 1`` and
 from __future__ import annotations
 
 import argparse
+import functools
+import heapq
+import itertools
 import json
 import random
+import re
+import select
+import selectors
 import signal
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -44,6 +122,11 @@ __all__ = [
     "delay",
     "drop",
     "garbage",
+    "hang",
+    "stream_ok",
+    "stream_break",
+    "stream_hang",
+    "stream_error",
     "CHAT_PATHS",
     "MODELS_PATHS",
 ]
@@ -54,10 +137,14 @@ MODELS_PATHS = frozenset({"/v1/models", "/models"})
 ANSWER_PREFIX = "Ответ: "
 MAX_ANSWER_CHARS = 200
 
-_STEP_KINDS = frozenset({"ok", "status", "delay", "drop", "garbage"})
+_STREAM_KINDS = frozenset({"stream_ok", "stream_break", "stream_hang", "stream_error"})
+_STEP_KINDS = frozenset({"ok", "status", "delay", "drop", "garbage", "hang"}) | _STREAM_KINDS
 
 # Chaos mode picks uniformly from these; ints are HTTP statuses.
 _CHAOS_CHOICES: tuple[Any, ...] = (500, 503, 429, 400, "drop", "delay")
+# Streaming requests can also fail mid-stream.  A separate tuple keeps the
+# seeded sequence of non-streaming runs exactly what it always was.
+_STREAM_CHAOS_CHOICES: tuple[Any, ...] = (*_CHAOS_CHOICES, "stream_break")
 
 # Mirrors what the real API puts in error.type, so client code that inspects it
 # sees realistic values.
@@ -80,6 +167,25 @@ _MODELS_BODY = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
+
+_STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/event-stream; charset=utf-8\r\n"
+    b"Cache-Control: no-cache\r\n"
+    b"Transfer-Encoding: chunked\r\n"
+)
+_LAST_CHUNK = b"0\r\n\r\n"
+_DONE_EVENT = b"data: [DONE]\n\n"
+_WORD_PIECES = re.compile(r"\s*\S+\s*")
+
+_COUNTERS = (
+    "connections",
+    "requests_abandoned",
+    "streams_started",
+    "streams_completed",
+    "streams_broken",
+    "streams_abandoned",
+)
 
 
 # --------------------------------------------------------------------------- steps
@@ -110,9 +216,116 @@ def garbage() -> dict:
 
     With the openai client this surfaces as a plain ``json.JSONDecodeError``, not
     an ``openai.APIError``; a non-JSON content type would instead make
-    ``create()`` return the raw text without raising at all.
+    ``create()`` return the raw text without raising at all.  A streaming
+    request gets one SSE event with the same non-JSON data, which the client
+    also fails to decode.
     """
     return {"kind": "garbage"}
+
+
+def hang() -> dict:
+    """Never answer: wait until the client goes away (counted in ``requests_abandoned``)."""
+    return {"kind": "hang"}
+
+
+def stream_ok(
+    text: str | None = None,
+    *,
+    chunks: list[str] | None = None,
+    pieces: int | None = None,
+    first_token_delay: float = 0.0,
+    chunk_delay: float | None = None,
+    usage: bool = True,
+    tokens: int | None = None,
+) -> dict:
+    """A complete stream.
+
+    ``chunks`` gives the content pieces verbatim (their join is the answer);
+    otherwise ``text`` (default answer if ``None``) is cut into ``pieces`` equal
+    pieces, or one per word when ``pieces`` and the fake's ``stream_pieces`` are
+    ``None``.  ``chunk_delay=None`` uses the fake's ``chunk_delay``.  ``usage=False``
+    leaves out the usage chunk even when the client asked for it.
+    """
+    return _stream_step(
+        "stream_ok", None, text, chunks, pieces, first_token_delay, chunk_delay, usage, tokens
+    )
+
+
+def stream_break(
+    after: int = 1,
+    text: str | None = None,
+    *,
+    chunks: list[str] | None = None,
+    pieces: int | None = None,
+    first_token_delay: float = 0.0,
+    chunk_delay: float | None = None,
+) -> dict:
+    """Send ``after`` content chunks, then drop the connection mid-stream."""
+    return _stream_step(
+        "stream_break", after, text, chunks, pieces, first_token_delay, chunk_delay, True, None
+    )
+
+
+def stream_hang(
+    after: int = 1,
+    text: str | None = None,
+    *,
+    chunks: list[str] | None = None,
+    pieces: int | None = None,
+    first_token_delay: float = 0.0,
+    chunk_delay: float | None = None,
+) -> dict:
+    """Send ``after`` content chunks, then go silent until the client goes away."""
+    return _stream_step(
+        "stream_hang", after, text, chunks, pieces, first_token_delay, chunk_delay, True, None
+    )
+
+
+def stream_error(
+    after: int = 1,
+    text: str | None = None,
+    *,
+    message: str | None = None,
+    chunks: list[str] | None = None,
+    pieces: int | None = None,
+    first_token_delay: float = 0.0,
+    chunk_delay: float | None = None,
+) -> dict:
+    """Send ``after`` content chunks, then an error event, as the real API does when
+    generation fails after the stream began."""
+    step = _stream_step(
+        "stream_error", after, text, chunks, pieces, first_token_delay, chunk_delay, True, None
+    )
+    step["message"] = message
+    return step
+
+
+def _stream_step(
+    kind: str,
+    after: int | None,
+    text: str | None,
+    chunks: list[str] | None,
+    pieces: int | None,
+    first_token_delay: float,
+    chunk_delay: float | None,
+    usage: bool,
+    tokens: int | None,
+) -> dict:
+    if pieces is not None and pieces < 1:
+        raise ValueError("pieces must be at least 1")
+    if after is not None and after < 0:
+        raise ValueError("after must not be negative")
+    return {
+        "kind": kind,
+        "after": after,
+        "text": text,
+        "chunks": None if chunks is None else [str(chunk) for chunk in chunks],
+        "pieces": pieces,
+        "first_token_delay": float(first_token_delay),
+        "chunk_delay": None if chunk_delay is None else float(chunk_delay),
+        "usage": bool(usage),
+        "tokens": tokens,
+    }
 
 
 def _outcome_label(step: dict) -> str:
@@ -120,6 +333,20 @@ def _outcome_label(step: dict) -> str:
     if kind == "status":
         return f"status:{step['code']}"
     return kind
+
+
+def _validate(steps: tuple[dict, ...]) -> list[dict]:
+    for step in steps:
+        if not isinstance(step, dict) or step.get("kind") not in _STEP_KINDS:
+            raise ValueError(f"Invalid fake LLM step: {step!r}")
+        if step["kind"] == "status" and "code" not in step:
+            raise ValueError(f"Status step needs a code: {step!r}")
+        if step["kind"] == "delay" and "seconds" not in step:
+            raise ValueError(f"Delay step needs seconds: {step!r}")
+    return [dict(step) for step in steps]
+
+
+# --------------------------------------------------------------------------- answers
 
 
 def _content_text(content: Any) -> str:
@@ -136,8 +363,299 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def _prompt(body: dict) -> tuple[int, str]:
+    """Characters of all message contents and the last user message."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        messages = []
+    prompt_chars = 0
+    last_user = ""
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = _content_text(message.get("content"))
+        prompt_chars += len(content)
+        if message.get("role") == "user":
+            last_user = content
+    return prompt_chars, last_user
+
+
+def _default_answer(last_user: str, answer_chars: int | None) -> str:
+    answer = ANSWER_PREFIX + last_user
+    if answer_chars is None:
+        return answer[:MAX_ANSWER_CHARS]
+    if len(answer) < answer_chars:
+        # Benchmarks ask for long answers to short prompts: repeat the answer.
+        answer = " ".join([answer] * (answer_chars // (len(answer) + 1) + 1))
+    return answer[:answer_chars]
+
+
+def _usage(prompt_chars: int, text: str, tokens: int | None) -> dict:
+    prompt_tokens = prompt_chars // 4 + 1
+    completion_tokens = len(text) // 4 + 1
+    if tokens is not None:
+        # Only the total is scripted; split it so both parts stay valid.
+        prompt_tokens = min(prompt_tokens, tokens)
+        completion_tokens = tokens - prompt_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _split(text: str, pieces: int | None) -> tuple[str, ...]:
+    # Cached with _content_events below: a benchmark streams the same answer
+    # thousands of times, and encoding its pieces was most of a stream's setup.
+    return tuple(_split_uncached(text, pieces))
+
+
+def _split_uncached(text: str, pieces: int | None) -> list[str]:
+    if pieces is None:
+        # Whitespace stays attached to a word so that the pieces join back
+        # into exactly the text.
+        return _WORD_PIECES.findall(text) or ([text] if text else [])
+    length = len(text)
+    return [text[i * length // pieces : (i + 1) * length // pieces] for i in range(pieces)]
+
+
+_CHOICE_END = b',"finish_reason":null}]}\n\n'
+
+
+@functools.lru_cache(maxsize=256)
+def _content_events(pieces: tuple[str, ...]) -> tuple[bytes, ...]:
+    """Each piece's chunk after the per-stream prefix (id, created, model)."""
+    return tuple(
+        b'{"index":0,"delta":{"content":' + _dumps(piece) + b"}" + _CHOICE_END for piece in pieces
+    )
+
+
+def _model_name(body: dict) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) else "fake-model"
+
+
+# One encoder for the whole module: json.dumps() with non-default options builds
+# a new encoder per call, which shows in a stream's hundreds of pieces.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return _ENCODE(obj).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (a scripted broken answer) can only travel escaped,
+        # as "\\ud800" in the JSON text, the way a real provider sends it.
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+# --------------------------------------------------------------------------- pacing
+
+# Chunks due this close together go out in one wake-up of the pacer.
+_PACER_SLACK = 0.001
+# How soon to retry a stream whose client is not reading (socket buffer full).
+_SEND_RETRY = 0.005
+
+
+class _Paced:
+    """The timed part of one stream: pre-encoded writes and when each is due."""
+
+    __slots__ = (
+        "sock",
+        "writes",
+        "index",
+        "first_at",
+        "interval",
+        "hang",
+        "pending",
+        "watched",
+        "result",
+        "done",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        writes: list[bytes],
+        first_at: float,
+        interval: float,
+        hang: bool,
+    ) -> None:
+        self.sock = sock
+        self.writes = writes
+        self.index = 0
+        self.first_at = first_at
+        self.interval = interval
+        # After the last write: keep the stream open until the client goes away.
+        self.hang = hang
+        # Bytes the socket did not take yet (a client that stopped reading).
+        self.pending = b""
+        self.watched = False
+        self.result: str | None = None
+        self.done = threading.Event()
+
+    def due(self) -> float:
+        return self.first_at + self.index * self.interval
+
+
+class _Pacer:
+    """Writes the timed part of every stream of one server from a single thread.
+
+    A thread per stream that wakes for every chunk pays a GIL hand-off per
+    chunk; with a thousand concurrent streams (tens of thousands of chunks a
+    second) that alone saturated a core and made every stream late.  Handler
+    threads therefore hand their pre-encoded writes over and block until the
+    stream is over, while this thread sends whatever is due and watches every
+    stream socket for EOF in one selector, so a client going away is noticed
+    at once, between chunks or during a hang.
+
+    ``run`` returns ``"finished"`` (every write sent), ``"gone"`` (the client
+    closed or reset the connection) or ``"stopped"`` (``close`` was called).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._lock = threading.Lock()
+        self._incoming: list[_Paced] = []
+        self._closed = False
+        # Only the pacer thread touches these.
+        self._heap: list[tuple[float, int, _Paced]] = []
+        self._order = itertools.count()
+        self._active: set[_Paced] = set()
+        self._selector = selectors.DefaultSelector()
+        # Handler threads wake the pacer through this pair when they add work.
+        self._wake_in, self._wake_out = socket.socketpair()
+        self._wake_in.setblocking(False)
+        self._wake_out.setblocking(False)
+        self._selector.register(self._wake_in, selectors.EVENT_READ, None)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, paced: _Paced) -> str:
+        with self._lock:
+            if self._closed:
+                return "stopped"
+            self._incoming.append(paced)
+        self._wake()
+        paced.done.wait()
+        return paced.result or "stopped"
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._wake()
+        self._thread.join(timeout=5)
+        self._wake_in.close()
+        self._wake_out.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_out.send(b"\0")
+        except OSError:
+            pass  # Buffer full: a wake-up is already pending.
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        return
+                    incoming, self._incoming = self._incoming, []
+                for paced in incoming:
+                    self._start(paced)
+                timeout = None
+                if self._heap:
+                    timeout = max(0.0, self._heap[0][0] - time.monotonic())
+                for key, _ in self._selector.select(timeout):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        self._check_client(key.data)
+                horizon = time.monotonic() + _PACER_SLACK
+                while self._heap and self._heap[0][0] <= horizon:
+                    paced = heapq.heappop(self._heap)[2]
+                    if paced.result is None:
+                        self._send_due(paced, horizon)
+        finally:
+            for paced in list(self._active):
+                self._finish(paced, "stopped")
+            self._selector.close()
+
+    def _start(self, paced: _Paced) -> None:
+        self._active.add(paced)
+        try:
+            self._selector.register(paced.sock, selectors.EVENT_READ, paced)
+            paced.watched = True
+        except (OSError, ValueError):
+            self._finish(paced, "gone")
+            return
+        self._schedule(paced, paced.due())
+
+    def _schedule(self, paced: _Paced, when: float) -> None:
+        heapq.heappush(self._heap, (when, next(self._order), paced))
+
+    def _send_due(self, paced: _Paced, horizon: float) -> None:
+        data = paced.pending
+        # A late pacer catches up in one write instead of one per missed chunk.
+        while paced.index < len(paced.writes) and paced.due() <= horizon:
+            data += paced.writes[paced.index]
+            paced.index += 1
+        try:
+            sent = paced.sock.send(data, socket.MSG_DONTWAIT) if data else 0
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._finish(paced, "gone")
+            return
+        paced.pending = data[sent:]
+        if paced.pending:
+            self._schedule(paced, time.monotonic() + _SEND_RETRY)
+        elif paced.index < len(paced.writes):
+            self._schedule(paced, paced.due())
+        elif not paced.hang:
+            self._finish(paced, "finished")
+
+    def _check_client(self, paced: _Paced) -> None:
+        try:
+            peeked = paced.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._finish(paced, "gone")
+            return
+        if not peeked:
+            self._finish(paced, "gone")
+        else:
+            # A pipelined request: readability no longer means EOF, and a
+            # level-triggered selector would spin on it.
+            self._unwatch(paced)
+
+    def _unwatch(self, paced: _Paced) -> None:
+        if paced.watched:
+            paced.watched = False
+            try:
+                self._selector.unregister(paced.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _finish(self, paced: _Paced, result: str) -> None:
+        # Unregister before waking the handler: it may close the socket, and
+        # its descriptor number may be reused by the next connection.
+        self._unwatch(paced)
+        self._active.discard(paced)
+        paced.result = result
+        paced.done.set()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_in.recv(4096):
+                pass
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -157,11 +675,23 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], fake: FakeLLM) -> None:
         self.fake = fake
+        # Set by stop(), so that waits woken by its socket shutdowns are not
+        # counted as clients going away.
+        self.stopping = False
         # Keep-alive handler threads block on reading the next request; stop()
         # shuts these sockets down so the threads exit instead of lingering.
         self.open_connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
+        # server_close() also runs when the bind fails, before there is a pacer.
+        self.pacer: _Pacer | None = None
         super().__init__(address, _Handler)
+        # Created after the bind succeeded, so a failed start leaks no thread.
+        self.pacer = _Pacer(f"fake-llm-pacer-{self.server_address[1]}")
+
+    def server_close(self) -> None:
+        super().server_close()
+        if self.pacer is not None:
+            self.pacer.close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients disconnecting mid-request is routine here (timeouts, drops);
@@ -171,16 +701,26 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     # The openai client (httpx) pools keep-alive connections, so answers must
-    # be HTTP/1.1 with an explicit Content-Length.
+    # be HTTP/1.1 with an explicit Content-Length (or chunked, for streams).
     protocol_version = "HTTP/1.1"
-    # Response goes out in one write; Nagle would only add latency.
+    # Every write is a whole response or a whole stream chunk; Nagle would only
+    # add latency.
     disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:
         super().setup()
+        # One poll object per connection: waits use it to notice the client's
+        # EOF instead of sleeping blindly (and poll, unlike select, copes with
+        # descriptors above 1024 when a benchmark holds a thousand streams).
+        self._poller = select.poll()
+        self._poller.register(self.connection, select.POLLIN)
+        # Once the client has sent bytes we have not read (a pipelined request),
+        # readability no longer means EOF; waits then fall back to sleeping.
+        self._peer_sent_data = False
         with self.server.connections_lock:
             self.server.open_connections.add(self.connection)
+        self.server.fake._count("connections")
 
     def finish(self) -> None:
         try:
@@ -226,58 +766,78 @@ class _Handler(BaseHTTPRequestHandler):
             fake._record(path, headers, raw.decode("utf-8", "replace"), "status:400")
             self._send_error(400, "Request body must be a JSON object")
             return
-        step, number = fake._next_step(path, headers, body)
-        self._serve_step(step, number, body)
+        step, number, generation = fake._next_step(path, headers, body)
+        if body.get("stream") is True:
+            self._serve_stream_step(step, number, generation, body)
+        else:
+            self._serve_step(step, number, generation, body)
 
     # ---------------------------------------------------------------- behaviour
 
-    def _serve_step(self, step: dict, number: int, body: dict) -> None:
+    def _serve_step(self, step: dict, number: int, generation: int, body: dict) -> None:
         kind = step["kind"]
-        if kind == "ok":
-            _sleep(step.get("delay", 0.0))
-            self._send_completion(number, body, step.get("text"), step.get("tokens"))
-        elif kind == "status":
-            _sleep(step.get("delay", 0.0))
-            self._send_error(step["code"])
-        elif kind == "delay":
-            _sleep(step["seconds"])
-            self._send_completion(number, body, None, None)
-        elif kind == "drop":
+        if kind in ("drop", "stream_break"):
             self._drop()
-        elif kind == "garbage":
+            return
+        if kind == "garbage":
             self._send(200, _GARBAGE_BODY)
-        else:  # pragma: no cover - script() validates kinds
-            self._send_error(500, f"Unknown fake step kind {kind!r}")
+            return
+        if kind in ("hang", "stream_hang"):
+            wait: float | None = None
+        elif kind == "delay":
+            wait = step["seconds"]
+        elif kind in ("stream_ok", "stream_error"):
+            wait = step["first_token_delay"]
+        else:
+            wait = step.get("delay", 0.0)
+        if not self._wait(wait):
+            self._client_gone("requests_abandoned", generation)
+            return
+        if kind == "status":
+            self._send_error(step["code"])
+        elif kind == "stream_error":
+            self._send_error(500, step.get("message"))
+        elif kind == "stream_ok":
+            text = step["text"] if step["chunks"] is None else "".join(step["chunks"])
+            self._send_completion(number, body, text, step["tokens"])
+        elif kind == "ok":
+            self._send_completion(number, body, step.get("text"), step.get("tokens"))
+        else:  # delay
+            self._send_completion(number, body, None, None)
+
+    def _serve_stream_step(self, step: dict, number: int, generation: int, body: dict) -> None:
+        kind = step["kind"]
+        if kind in ("drop", "hang", "status"):
+            self._serve_step(step, number, generation, body)
+        elif kind == "garbage":
+            self._stream_garbage(generation)
+        elif kind == "ok":
+            self._stream(
+                number,
+                generation,
+                body,
+                stream_ok(
+                    step.get("text"),
+                    tokens=step.get("tokens"),
+                    first_token_delay=step.get("delay", 0.0),
+                ),
+            )
+        elif kind == "delay":
+            self._stream(number, generation, body, stream_ok(first_token_delay=step["seconds"]))
+        else:
+            self._stream(number, generation, body, step)
 
     def _send_completion(
         self, number: int, body: dict, text: str | None, tokens: int | None
     ) -> None:
-        messages = body.get("messages")
-        if not isinstance(messages, list):
-            messages = []
-        prompt_chars = 0
-        last_user = ""
-        for message in messages:
-            if not isinstance(message, dict):
-                continue
-            content = _content_text(message.get("content"))
-            prompt_chars += len(content)
-            if message.get("role") == "user":
-                last_user = content
+        prompt_chars, last_user = _prompt(body)
         if text is None:
-            text = (ANSWER_PREFIX + last_user)[:MAX_ANSWER_CHARS]
-        prompt_tokens = prompt_chars // 4 + 1
-        completion_tokens = len(text) // 4 + 1
-        if tokens is not None:
-            # Only the total is scripted; split it so both parts stay valid.
-            prompt_tokens = min(prompt_tokens, tokens)
-            completion_tokens = tokens - prompt_tokens
-        model = body.get("model")
+            text = _default_answer(last_user, self.server.fake.answer_chars)
         payload = {
             "id": f"chatcmpl-fake-{number}",
             "object": "chat.completion",
             "created": int(time.time()),
-            "model": model if isinstance(model, str) else "fake-model",
+            "model": _model_name(body),
             "choices": [
                 {
                     "index": 0,
@@ -285,11 +845,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "usage": _usage(prompt_chars, text, tokens),
         }
         self._send(200, _dumps(payload))
 
@@ -312,7 +868,137 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         self.connection.close()
 
+    # ---------------------------------------------------------------- streaming
+
+    def _stream(self, number: int, generation: int, body: dict, step: dict) -> None:
+        fake = self.server.fake
+        kind = step["kind"]
+        prompt_chars, last_user = _prompt(body)
+        if step["chunks"] is not None:
+            pieces = tuple(step["chunks"])
+            text = "".join(pieces)
+        else:
+            text = step["text"]
+            if text is None:
+                text = _default_answer(last_user, fake.answer_chars)
+            count = step["pieces"] if step["pieces"] is not None else fake.stream_pieces
+            pieces = _split(text, count)
+        chunk_delay = step["chunk_delay"]
+        if chunk_delay is None:
+            chunk_delay = fake.chunk_delay
+
+        # Everything is encoded before the first write, so that the pacer's
+        # work per chunk is one send of ready bytes.
+        prefix = (
+            b'data: {"id":"chatcmpl-fake-%d","object":"chat.completion.chunk","created":%d,'
+            b'"model":%b,"choices":['
+        ) % (number, int(time.time()), _dumps(_model_name(body)))
+        size = len(prefix)
+        events = [
+            b"%x\r\n%b%b\r\n" % (size + len(event), prefix, event)
+            for event in _content_events(pieces)
+        ]
+        if kind == "stream_ok":
+            final = prefix + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+            options = body.get("stream_options")
+            if step["usage"] and isinstance(options, dict) and options.get("include_usage"):
+                usage = _usage(prompt_chars, text, step["tokens"])
+                final += prefix + b'],"usage":' + _dumps(usage) + b"}\n\n"
+            tail: bytes | None = _http_chunk(final + _DONE_EVENT) + _LAST_CHUNK
+        else:
+            events = events[: step["after"]]
+            tail = None
+            if kind == "stream_error":
+                message = step.get("message") or "Fake upstream error during streaming"
+                error = {"error": {"message": message, "type": "server_error", "code": None}}
+                tail = _http_chunk(b"data: " + _dumps(error) + b"\n\n") + _LAST_CHUNK
+        if tail is not None:
+            # The end of the stream rides on the last content chunk's write.
+            if events:
+                events[-1] += tail
+            else:
+                events.append(tail)
+
+        head = _STREAM_HEAD
+        if self.close_connection:
+            head += b"Connection: close\r\n"
+        role = prefix + b'{"index":0,"delta":{"role":"assistant","content":""}' + _CHOICE_END
+        fake._count("streams_started", generation)
+        if not self._write(head + b"\r\n" + _http_chunk(role)):
+            self._client_gone("streams_abandoned", generation)
+            return
+        first_at = time.monotonic() + step["first_token_delay"]
+        paced = _Paced(self.connection, events, first_at, chunk_delay, kind == "stream_hang")
+        pacer = self.server.pacer
+        result = pacer.run(paced) if pacer is not None else "stopped"
+        if result == "gone":
+            self._client_gone("streams_abandoned", generation)
+        elif result == "stopped":
+            self.close_connection = True
+        elif kind == "stream_break":
+            fake._count("streams_broken", generation)
+            self._drop()
+        else:
+            fake._count("streams_completed", generation)
+
+    def _stream_garbage(self, generation: int) -> None:
+        fake = self.server.fake
+        fake._count("streams_started", generation)
+        event = _http_chunk(b"data: " + _GARBAGE_BODY + b"\n\n") + _LAST_CHUNK
+        if self._write(_STREAM_HEAD + b"\r\n" + event):
+            fake._count("streams_completed", generation)
+        else:
+            self._client_gone("streams_abandoned", generation)
+
     # ----------------------------------------------------------------- plumbing
+
+    def _wait(self, seconds: float | None) -> bool:
+        if seconds is None:
+            return self._wait_until(None)
+        if seconds <= 0:
+            return True
+        return self._wait_until(time.monotonic() + seconds)
+
+    def _wait_until(self, deadline: float | None) -> bool:
+        """Wait until ``deadline`` (``None``: forever); False once the client is gone.
+
+        poll() wakes as soon as the socket turns readable, which for a client
+        that sends nothing more means EOF or reset: detection is immediate and
+        costs no periodic wake-ups while hundreds of requests wait.
+        """
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return True
+            if self.server.stopping:
+                return False
+            if self._peer_sent_data:
+                time.sleep(0.02 if remaining is None else min(0.02, remaining))
+                continue
+            if not self._poller.poll(None if remaining is None else remaining * 1000):
+                continue
+            try:
+                peeked = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False
+            if not peeked:
+                return False
+            self._peer_sent_data = True
+
+    def _client_gone(self, counter: str, generation: int) -> None:
+        self.close_connection = True
+        if not self.server.stopping:
+            self.server.fake._count(counter, generation)
+
+    def _write(self, data: bytes) -> bool:
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            self.close_connection = True
+            return False
+        return True
 
     def _read_body(self) -> bytes:
         try:
@@ -339,16 +1025,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             head.append("Connection: close")
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-        try:
-            self.wfile.write(data)
-        except OSError:
-            # The client already gave up (e.g. timed out during a delay step).
-            self.close_connection = True
-
-
-def _sleep(seconds: float) -> None:
-    if seconds and seconds > 0:
-        time.sleep(seconds)
+        # A failed write means the client already gave up (e.g. timed out
+        # during a delay step); _write marks the connection for closing.
+        self._write(data)
 
 
 # --------------------------------------------------------------------------- public
@@ -357,9 +1036,13 @@ def _sleep(seconds: float) -> None:
 class FakeLLM:
     """In-process fake of the OpenAI chat-completions API.
 
-    Attributes that may be changed at runtime: ``latency`` (seconds added to
-    every default successful answer), ``failure_rate`` (probability that a
-    non-scripted request fails, see module docs) and ``chaos_timeout`` (sleep
+    Attributes that may be changed at runtime (``reset()`` restores the
+    constructor's values): ``latency`` (seconds before every default answer,
+    the first-token delay of default streams), ``chunk_delay`` (seconds between
+    the pieces of default streams), ``stream_pieces`` (pieces per default
+    stream; ``None``: one per word), ``answer_chars`` (length of the default
+    answer; ``None``: up to 200 characters), ``failure_rate`` (probability that
+    a non-scripted request fails, see module docs) and ``chaos_timeout`` (sleep
     used by the chaos "delay" outcome).
     """
 
@@ -372,25 +1055,48 @@ class FakeLLM:
         seed: int | None = None,
         failure_rate: float = 0.0,
         chaos_timeout: float = 5.0,
+        chunk_delay: float = 0.0,
+        stream_pieces: int | None = None,
+        answer_chars: int | None = None,
         record: bool = True,
     ) -> None:
+        if stream_pieces is not None and stream_pieces < 1:
+            raise ValueError("stream_pieces must be at least 1")
         self.host = host
         self.port = port
         self.latency = float(latency)
         self.failure_rate = float(failure_rate)
         self.chaos_timeout = float(chaos_timeout)
+        self.chunk_delay = float(chunk_delay)
+        self.stream_pieces = stream_pieces
+        self.answer_chars = answer_chars
         # Long benchmark runs would otherwise keep every request body in memory.
         self.record = record
-        self._initial = (self.latency, self.failure_rate, self.chaos_timeout)
+        self._initial = self._settings()
         self._seed = seed
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._steps: deque[dict] = deque()
+        self._model_steps: dict[str, deque[dict]] = {}
         self._requests: list[dict] = []
         self._outcomes: list[str] = []
         self._calls = 0
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        # Bumped by reset(): a stream still running from before the reset must
+        # not count toward the next test's numbers.
+        self._generation = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    def _settings(self) -> tuple:
+        return (
+            self.latency,
+            self.failure_rate,
+            self.chaos_timeout,
+            self.chunk_delay,
+            self.stream_pieces,
+            self.answer_chars,
+        )
 
     # ------------------------------------------------------------- lifecycle
 
@@ -414,6 +1120,7 @@ class FakeLLM:
         server, self._server = self._server, None
         if server is None:
             return
+        server.stopping = True
         server.shutdown()
         server.server_close()
         with server.connections_lock:
@@ -446,26 +1153,48 @@ class FakeLLM:
 
     def script(self, *steps: dict) -> FakeLLM:
         """Queue steps; each chat-completions request consumes one, FIFO."""
-        for step in steps:
-            if not isinstance(step, dict) or step.get("kind") not in _STEP_KINDS:
-                raise ValueError(f"Invalid fake LLM step: {step!r}")
-            if step["kind"] == "status" and "code" not in step:
-                raise ValueError(f"Status step needs a code: {step!r}")
-            if step["kind"] == "delay" and "seconds" not in step:
-                raise ValueError(f"Delay step needs seconds: {step!r}")
+        checked = _validate(steps)
         with self._lock:
-            self._steps.extend(dict(step) for step in steps)
+            self._steps.extend(checked)
+        return self
+
+    def script_for(self, model: str, *steps: dict) -> FakeLLM:
+        """Queue steps consumed only by requests for ``model``, before the global queue."""
+        checked = _validate(steps)
+        with self._lock:
+            self._model_steps.setdefault(model, deque()).extend(checked)
         return self
 
     def reset(self) -> None:
-        """Forget records and queued steps; restore constructor settings."""
+        """Forget records, counters and queued steps; restore constructor settings."""
         with self._lock:
             self._steps.clear()
+            self._model_steps.clear()
             self._requests.clear()
             self._outcomes.clear()
             self._calls = 0
-            self.latency, self.failure_rate, self.chaos_timeout = self._initial
+            self._counters = dict.fromkeys(_COUNTERS, 0)
+            self._generation += 1
+            (
+                self.latency,
+                self.failure_rate,
+                self.chaos_timeout,
+                self.chunk_delay,
+                self.stream_pieces,
+                self.answer_chars,
+            ) = self._initial
             self._rng = random.Random(self._seed)
+
+    def wait_for(
+        self, predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
+    ) -> bool:
+        """Poll ``predicate`` until it is true or ``timeout`` passes; its last verdict."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(interval)
+        return True
 
     # ------------------------------------------------------------- recording
 
@@ -480,11 +1209,77 @@ class FakeLLM:
             return list(self._outcomes)
 
     @property
+    def models(self) -> list[str | None]:
+        """The ``model`` of every recorded request, in call order."""
+        with self._lock:
+            return [request["model"] for request in self._requests]
+
+    @property
+    def streamed(self) -> list[bool]:
+        """Whether each recorded request asked for a stream, in call order."""
+        with self._lock:
+            return [request["stream"] for request in self._requests]
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        """The ``Authorization`` header of every recorded request, in call order."""
+        with self._lock:
+            return [request["headers"].get("authorization") for request in self._requests]
+
+    @property
     def calls(self) -> int:
         with self._lock:
             return self._calls
 
+    @property
+    def connections(self) -> int:
+        """TCP connections accepted (all paths); fewer than calls means keep-alive reuse."""
+        return self._counter("connections")
+
+    @property
+    def requests_abandoned(self) -> int:
+        """Requests whose client went away before any answer was written."""
+        return self._counter("requests_abandoned")
+
+    @property
+    def streams_started(self) -> int:
+        return self._counter("streams_started")
+
+    @property
+    def streams_completed(self) -> int:
+        """Streams the fake wrote to the end (``[DONE]``, or the error event)."""
+        return self._counter("streams_completed")
+
+    @property
+    def streams_broken(self) -> int:
+        """Streams the fake cut on purpose (``stream_break`` or chaos)."""
+        return self._counter("streams_broken")
+
+    @property
+    def streams_abandoned(self) -> int:
+        """Streams whose client went away before the fake finished them."""
+        return self._counter("streams_abandoned")
+
+    @property
+    def streams_in_flight(self) -> int:
+        with self._lock:
+            counters = self._counters
+            return counters["streams_started"] - (
+                counters["streams_completed"]
+                + counters["streams_broken"]
+                + counters["streams_abandoned"]
+            )
+
     # ------------------------------------------------------------- internals
+
+    def _counter(self, name: str) -> int:
+        with self._lock:
+            return self._counters[name]
+
+    def _count(self, name: str, generation: int | None = None) -> None:
+        with self._lock:
+            if generation is None or generation == self._generation:
+                self._counters[name] += 1
 
     def _record(self, path: str, headers: dict, body: Any, outcome: str) -> int:
         with self._lock:
@@ -493,28 +1288,46 @@ class FakeLLM:
     def _record_locked(self, path: str, headers: dict, body: Any, outcome: str) -> int:
         self._calls += 1
         if self.record:
-            self._requests.append({"path": path, "headers": headers, "body": body})
+            is_dict = isinstance(body, dict)
+            model = body.get("model") if is_dict else None
+            self._requests.append(
+                {
+                    "path": path,
+                    "headers": headers,
+                    "body": body,
+                    "model": model if isinstance(model, str) else None,
+                    "stream": is_dict and body.get("stream") is True,
+                }
+            )
             self._outcomes.append(outcome)
         return self._calls
 
-    def _next_step(self, path: str, headers: dict, body: dict) -> tuple[dict, int]:
+    def _next_step(self, path: str, headers: dict, body: dict) -> tuple[dict, int, int]:
         # Choosing the step and recording happen under one lock so that
         # requests[i] and outcomes[i] always describe the same call.
         with self._lock:
-            if self._steps:
+            model = body.get("model")
+            model_steps = self._model_steps.get(model) if isinstance(model, str) else None
+            if model_steps:
+                step = model_steps.popleft()
+            elif self._steps:
                 step = self._steps.popleft()
             elif self.failure_rate > 0 and self._rng.random() < self.failure_rate:
-                choice = self._rng.choice(_CHAOS_CHOICES)
-                if choice == "drop":
-                    step = drop()
-                elif choice == "delay":
-                    step = delay(self.chaos_timeout)
-                else:
-                    step = status(choice)
+                step = self._chaos_step(body.get("stream") is True)
             else:
                 step = {"kind": "ok", "text": None, "tokens": None, "delay": self.latency}
             number = self._record_locked(path, headers, body, _outcome_label(step))
-        return step, number
+            return step, number, self._generation
+
+    def _chaos_step(self, streaming: bool) -> dict:
+        choice = self._rng.choice(_STREAM_CHAOS_CHOICES if streaming else _CHAOS_CHOICES)
+        if choice == "drop":
+            return drop()
+        if choice == "delay":
+            return delay(self.chaos_timeout)
+        if choice == "stream_break":
+            return stream_break(after=self._rng.randint(0, 3), first_token_delay=self.latency)
+        return status(choice)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -524,10 +1337,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
-    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="seconds before an answer (first-token delay of streams)",
+    )
     parser.add_argument("--failure-rate", type=float, default=0.0)
     parser.add_argument("--chaos-timeout", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--chunk-delay",
+        type=float,
+        default=0.0,
+        help="seconds between the pieces of a streamed answer",
+    )
+    parser.add_argument(
+        "--stream-pieces",
+        type=int,
+        default=None,
+        help="pieces per streamed answer (default: one per word)",
+    )
+    parser.add_argument(
+        "--answer-chars",
+        type=int,
+        default=None,
+        help="length of the default answer (default: up to 200)",
+    )
     args = parser.parse_args(argv)
 
     # Nobody can read the records of a standalone process; keep memory flat.
@@ -538,6 +1374,9 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         failure_rate=args.failure_rate,
         chaos_timeout=args.chaos_timeout,
+        chunk_delay=args.chunk_delay,
+        stream_pieces=args.stream_pieces,
+        answer_chars=args.answer_chars,
         record=False,
     )
     # A plain flag rather than threading.Event: Event.set() inside a signal

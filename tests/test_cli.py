@@ -90,7 +90,7 @@ def check_lines(output: str) -> dict[str, str]:
     return {
         name: rest
         for name, rest in (line.split(": ", 1) for line in output.splitlines() if ": " in line)
-        if name in ("config", "database", "schema", "llm")
+        if name in ("config", "database", "schema", "llm") or name.startswith("llm ")
     }
 
 
@@ -299,6 +299,7 @@ def test_stats_prints_totals_and_todays_quota(app, run, fake_llm):
         "requests_today": "2",
         "requests_remaining": "28",
         "daily_limit": "30",
+        "model gpt-4o-mini": "2 request(s), 40 token(s)",
     }
 
 
@@ -319,6 +320,7 @@ def test_stats_json_is_one_object_with_the_same_numbers(app, run, fake_llm):
         "requests_today": 1,
         "requests_remaining": 29,
         "daily_limit": 30,
+        "by_model": [{"model": "gpt-4o-mini", "requests": 1, "tokens": 12}],
     }
 
 
@@ -369,9 +371,9 @@ def test_check_passes_against_the_database_and_the_fake_llm(run):
 
     assert result.exit_code == 0, result.output
     lines = check_lines(result.output)
-    assert list(lines) == ["config", "database", "schema", "llm"]
+    assert list(lines) == ["config", "database", "schema", "llm openai"]
     assert all(detail.startswith("ok") for detail in lines.values()), result.output
-    assert "/v1/models" in lines["llm"]
+    assert "/v1/models" in lines["llm openai"]
 
 
 def test_check_fails_when_the_llm_endpoint_is_unreachable(make_app):
@@ -379,9 +381,9 @@ def test_check_fails_when_the_llm_endpoint_is_unreachable(make_app):
 
     lines, result = failed_check(app)
 
-    assert lines["llm"].startswith("FAILED"), result.output
+    assert lines["llm openai"].startswith("FAILED"), result.output
     assert lines["database"].startswith("ok"), result.output
-    assert "check failed: llm" in result.stderr
+    assert "check failed: llm openai" in result.stderr
 
 
 def test_check_fails_when_the_llm_is_not_configured(make_app):
@@ -398,7 +400,7 @@ def test_check_fails_when_the_database_is_unreachable(make_app):
     lines, result = failed_check(app)
 
     assert lines["database"].startswith("FAILED"), result.output
-    assert lines["llm"].startswith("ok"), result.output
+    assert lines["llm openai"].startswith("ok"), result.output
 
 
 def test_check_fails_when_the_schema_is_not_migrated(make_app, tmp_path):

@@ -47,14 +47,6 @@ def sqlite_url(tmp_path):
     return f"sqlite:///{tmp_path}/config.db"
 
 
-@pytest.fixture
-def no_developer_dotenv():
-    """``create_app()`` reads ``<repo>/.env``; a developer's file would hide the error."""
-    dotenv = ROOT / ".env"
-    if dotenv.exists():
-        pytest.skip(f"{dotenv} exists and may set API_SECRET_KEY; run without it")
-
-
 def environment_without_key(case: str) -> dict:
     env = dict(os.environ)
     env.pop("API_SECRET_KEY", None)
@@ -79,7 +71,7 @@ START_COMMANDS = {
 
 @pytest.mark.parametrize("case", MISSING_KEY_CASES)
 @pytest.mark.parametrize("command", START_COMMANDS.values(), ids=START_COMMANDS.keys())
-def test_start_without_api_secret_key_exits_with_one_line(no_developer_dotenv, command, case):
+def test_start_without_api_secret_key_exits_with_one_line(command, case):
     result = subprocess.run(
         command, cwd=ROOT, env=environment_without_key(case),
         capture_output=True, text=True, timeout=60, check=False,
@@ -178,7 +170,16 @@ def default_app(bare_environment, sqlite_url):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("OPENAI_MODEL", "gpt-4o-mini"),
+        ("LLM_DEFAULT_MODEL", "gpt-4o-mini"),
+        ("LLM_MODELS", {"gpt-4o-mini": "openai"}),
+        ("LLM_FALLBACK_MODELS", ()),
+        ("LLM_BREAKER_FAILURES", 5),
+        ("LLM_BREAKER_OPEN_SECONDS", 30),
+        ("RESPONSE_FORMAT", "telegram_html"),
+        ("STREAM_SNAPSHOT_INTERVAL", 1),
+        ("STREAM_MAX_SECONDS", 300),
+        ("REQUEST_DEADLINE", 55),
+        ("QUEUE_TIMEOUT", 10),
         ("OPENAI_TEMPERATURE", 0.7),
         ("OPENAI_MAX_TOKENS", 1000),
         ("DAILY_LIMIT", 30),

@@ -23,13 +23,17 @@ from flask_migrate import downgrade, upgrade
 
 from app import create_app
 from app.extensions import db
-from tests.conftest import API_KEY, Api, created_database, dsn_to_url, pg_connect, served
+from app.models import MIGRATION_VERSION_TABLE
+from tests.conftest import API_KEY, Api, created_database, dsn_to_url, served
 from tests.servers import ROOT, send_all_at_once
 
 DEAD_DATABASE_URL = "postgresql://postgres@127.0.0.1:1/nowhere"
 CYRILLIC = re.compile("[А-Яа-яЁё]")
 DRIVER_WORDS = ("psycopg2", "connection", "127.0.0.1", "OperationalError")
-APP_TABLES = {"ai_chat_requests", "ai_chat_daily_limits", "ai_chat_idempotency_keys"}
+APP_TABLES = {
+    "ai_chat_requests", "ai_chat_daily_limits", "ai_chat_idempotency_keys",
+    "ai_chat_user_settings",
+}
 
 
 def migrate(app) -> None:
@@ -40,7 +44,10 @@ def migrate(app) -> None:
 def schema_differences(app) -> list:
     """What autogenerate would still change to make the database match the models."""
     with app.app_context(), db.engine.connect() as connection:
-        return compare_metadata(MigrationContext.configure(connection), db.metadata)
+        context = MigrationContext.configure(
+            connection, opts={"version_table": MIGRATION_VERSION_TABLE}
+        )
+        return compare_metadata(context, db.metadata)
 
 
 def table_names(app) -> set[str]:
@@ -270,88 +277,6 @@ def test_downgrade_to_base_then_upgrade_again_matches_the_models(make_app, fresh
     assert not APP_TABLES & table_names(app)
     migrate(app)
     assert schema_differences(app) == []
-
-
-OLD_SERVICE_TABLES = """
-CREATE TABLE ai_chat_requests (
-    id SERIAL PRIMARY KEY,
-    telegram_id BIGINT NOT NULL,
-    user_id INTEGER NULL,
-    message TEXT NOT NULL,
-    response TEXT NOT NULL,
-    tokens_used INTEGER NOT NULL DEFAULT 0,
-    request_date DATE NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE TABLE ai_chat_daily_limits (
-    id SERIAL PRIMARY KEY,
-    telegram_id BIGINT NOT NULL UNIQUE,
-    request_count INTEGER NOT NULL DEFAULT 0,
-    last_reset_date DATE NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-INSERT INTO ai_chat_requests (telegram_id, message, response, tokens_used, request_date)
-VALUES (5, 'старый вопрос', 'старый ответ', 12, CURRENT_DATE);
-INSERT INTO ai_chat_daily_limits (telegram_id, request_count, last_reset_date)
-VALUES (5, 1, CURRENT_DATE - 1);
-"""
-
-
-@pytest.fixture
-def old_service_database(fresh_postgres):
-    """A database where the old service already created its two tables, with data."""
-    connection = pg_connect(fresh_postgres)
-    with connection.cursor() as cursor:
-        cursor.execute(OLD_SERVICE_TABLES)
-    yield fresh_postgres
-    connection.close()
-
-
-def pg_rows(dbname: str, statement: str) -> list:
-    with closing(pg_connect(dbname)) as connection, connection.cursor() as cursor:
-        cursor.execute(statement)
-        return cursor.fetchall()
-
-
-def test_migration_adopts_the_old_service_tables(make_app, old_service_database):
-    app = make_app(DATABASE_URL=dsn_to_url(old_service_database))
-    migrate(app)
-    with app.app_context(), db.engine.connect() as connection:
-        inspector = sa.inspect(connection)
-        indexes = {index["name"] for index in inspector.get_indexes("ai_chat_requests")}
-        tables = set(inspector.get_table_names())
-    assert {
-        "ix_ai_chat_requests_telegram_id_id",
-        "ix_ai_chat_requests_telegram_id_request_date",
-    } <= indexes
-    assert "ai_chat_idempotency_keys" in tables
-    assert pg_rows(old_service_database, "SELECT version_num FROM alembic_version") == [("0002",)]
-
-
-def test_migration_keeps_the_old_service_data(make_app, old_service_database):
-    migrate(make_app(DATABASE_URL=dsn_to_url(old_service_database)))
-    assert pg_rows(
-        old_service_database, "SELECT telegram_id, message, response FROM ai_chat_requests"
-    ) == [(5, "старый вопрос", "старый ответ")]
-    assert pg_rows(
-        old_service_database, "SELECT telegram_id, request_count FROM ai_chat_daily_limits"
-    ) == [(5, 1)]
-
-
-def test_service_answers_on_tables_adopted_from_the_old_service(make_app, old_service_database):
-    app = make_app(DATABASE_URL=dsn_to_url(old_service_database))
-    migrate(app)
-    api = Api(app.test_client())
-    response = api.send(telegram_id=5)
-    assert response.status_code == 200
-    # Yesterday's counter restarts today: this answer is the first one.
-    assert response.get_json()["remaining_requests"] == 29
-    assert api.send(telegram_id=6).status_code == 200
-    assert pg_rows(
-        old_service_database,
-        "SELECT telegram_id, request_count FROM ai_chat_daily_limits ORDER BY telegram_id",
-    ) == [(5, 1), (6, 1)]
 
 
 # --- the contract's tables and columns ------------------------------------------

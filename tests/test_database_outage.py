@@ -262,8 +262,10 @@ def test_outage_answers_are_json_with_a_russian_message(outage):
     assert refused
     for record in refused:
         assert record["content_type"].startswith("application/json")
-        assert set(record["body"]) == {"error", "message"}
-        assert CYRILLIC.search(record["body"]["message"])
+        body = record["body"]
+        assert set(body) == {"error", "message", "detail"}
+        assert body["detail"] == {"error": body["error"], "message": body["message"]}
+        assert CYRILLIC.search(body["message"])
 
 
 def test_no_send_hangs_or_fails_with_another_server_error(outage):

@@ -17,6 +17,8 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,15 +27,17 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from app import metrics
-from tests.servers import ROOT, VENV_BIN, ServerProcess, free_port
+from tests.conftest import API_KEY, migrate_to_head
+from tests.servers import ROOT, VENV_BIN, Gunicorn, ServerProcess, free_port, post_send
 
 COMPOSE = ROOT / "docker-compose.yml"
+README = ROOT / "README.md"
 DOCKERFILE = ROOT / "Dockerfile"
 BOOT = ROOT / "deploy" / "boot.sh"
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 ALERTS = ROOT / "deploy" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
-SERVICES = ("db", "ai-chat-1", "ai-chat-2", "nginx")
+SERVICES = ("db", "pgbouncer", "ai-chat-1", "ai-chat-2", "nginx")
 INSTANCES = ("ai-chat-1", "ai-chat-2")
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"job", "instance"}
@@ -137,13 +141,32 @@ def test_compose_nginx_mounts_the_repository_nginx_conf(compose):
 
 
 @pytest.mark.parametrize("name", INSTANCES)
-def test_compose_instances_build_the_image_and_use_postgres(compose, name):
+def test_compose_instances_go_through_pgbouncer_and_migrate_on_postgres(compose, name):
     service = compose["services"][name]
     environment = service["environment"]
     assert service["build"] == "."
-    assert "@db:5432/" in environment["DATABASE_URL"]
+    assert "@pgbouncer:6432/" in environment["DATABASE_URL"]
+    # The migration lock is a session lock: migrations bypass the transaction pooler.
+    assert "@db:5432/" in environment["MIGRATIONS_DATABASE_URL"]
     assert environment["API_SECRET_KEY"].startswith("${API_SECRET_KEY:?")
-    assert service["depends_on"]["db"]["condition"] == "service_healthy"
+    assert "pgbouncer" in service["depends_on"]
+
+
+def test_compose_pgbouncer_pools_transactions_in_front_of_postgres(compose):
+    pgbouncer = compose["services"]["pgbouncer"]
+    environment = pgbouncer["environment"]
+    assert environment["POOL_MODE"] == "transaction"
+    assert "@db:5432/" in environment["DATABASE_URL"]
+    assert pgbouncer["depends_on"]["db"]["condition"] == "service_healthy"
+
+
+def test_compose_passes_every_setting_of_the_readme(compose):
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)`", README.read_text(), re.M))
+    passed = set(compose["services"][INSTANCES[0]]["environment"])
+    # Set by the image or the compose file itself, or documented as a pattern.
+    missing = documented - passed - {"PROMETHEUS_MULTIPROC_DIR", "GUNICORN_BIND",
+                                     "GUNICORN_HOST", "AI_CHAT_ENV_FILE"}
+    assert sorted(missing) == []
 
 
 @pytest.mark.parametrize("name", INSTANCES)
@@ -166,10 +189,10 @@ def test_compose_upstreams_in_nginx_conf_are_the_compose_instances(compose):
 
 @pytest.mark.parametrize("name", INSTANCES)
 def test_compose_grace_period_outlasts_gunicorn_graceful_timeout(compose, name):
-    # gunicorn.conf.py: graceful_timeout = LLM_DEADLINE (default 45) + 5.
+    # gunicorn.conf.py: graceful_timeout = REQUEST_DEADLINE (default 55) + 5.
     grace = compose["services"][name]["stop_grace_period"]
     assert re.fullmatch(r"\d+s", grace)
-    assert int(grace[:-1]) > 45 + 5
+    assert int(grace[:-1]) > 55 + 5
 
 
 @pytest.mark.skipif(
@@ -228,15 +251,53 @@ def test_dockerfile_runs_as_a_non_root_user():
     assert instructions.index("USER") < instructions.index("CMD")
 
 
-def test_dockerfile_healthcheck_probes_liveness():
+def healthcheck_command() -> str:
     [check] = [args for name, args in dockerfile_instructions() if name == "HEALTHCHECK"]
-    assert "/health'" in check or '/health"' in check
-    assert "/health/ready" not in check
+    return check.split(" CMD ", 1)[1]
+
+
+def test_dockerfile_healthcheck_answers_while_every_thread_waits_on_the_model(
+    tmp_path, fake_llm
+):
+    """With both threads of the only worker held by slow answers, an HTTP probe of
+    /health would wait in the queue; the image's check must still pass at once."""
+    fake_llm.latency = 4
+    env = {"API_SECRET_KEY": API_KEY, "DATABASE_URL": f"sqlite:///{tmp_path}/hc.db",
+           "OPENAI_BASE_URL": fake_llm.url, "LLM_DEADLINE": "10"}
+    migrate_to_head(env["DATABASE_URL"])
+    with Gunicorn(env, workers=1, threads=2) as server, ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(post_send, server.url, n) for n in (1, 2)]
+        assert fake_llm.wait_for(lambda: fake_llm.calls == 2)
+        with pytest.raises(requests.Timeout):
+            requests.get(f"{server.url}/health", timeout=1)
+        started = time.monotonic()
+        check = subprocess.run(
+            ["sh", "-c", healthcheck_command().removesuffix(" || exit 1")],
+            env={**os.environ, "AI_CHAT_PORT": str(server.port)},
+            capture_output=True, text=True, timeout=10,
+        )
+        assert check.returncode == 0, check.stderr
+        assert time.monotonic() - started < 2
+        assert [future.result()[0] for future in busy] == [200, 200]
+
+
+def test_dockerfile_healthcheck_fails_when_nothing_listens():
+    check = subprocess.run(
+        ["sh", "-c", healthcheck_command().removesuffix(" || exit 1")],
+        env={**os.environ, "AI_CHAT_PORT": str(free_port())},
+        capture_output=True, text=True, timeout=10,
+    )
+    assert check.returncode != 0
 
 
 def test_dockerfile_starts_deploy_boot_sh():
     [cmd] = [args for name, args in dockerfile_instructions() if name == "CMD"]
-    assert json.loads(cmd) in (["./deploy/boot.sh"], ["deploy/boot.sh"], ["/app/deploy/boot.sh"])
+    assert json.loads(cmd) == ["sh", "./deploy/boot.sh"]
+
+
+def test_dockerfile_needs_no_buildkit_only_syntax():
+    text = DOCKERFILE.read_text()
+    assert "--chmod" not in text and "--mount" not in text and "# syntax=" not in text
 
 
 def test_dockerfile_copies_only_files_that_exist():
@@ -318,12 +379,16 @@ def test_boot_sh_runs_the_migrations_before_serving(booted, tmp_path):
     assert response.json()["status"] == "ok"
     connection = sqlite3.connect(tmp_path / "x.db")
     try:
-        versions = {row[0] for row in connection.execute("SELECT version_num FROM alembic_version")}
+        versions = {
+            row[0] for row in connection.execute("SELECT version_num FROM ai_chat_alembic_version")
+        }
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     finally:
         connection.close()
     assert versions == migration_heads()
     assert {"ai_chat_requests", "ai_chat_daily_limits", "ai_chat_idempotency_keys"} <= tables
+    # The main server's Alembic table is never created (nor read) by this service.
+    assert "alembic_version" not in tables
 
 
 def test_boot_sh_becomes_gunicorn_and_stops_cleanly_on_sigterm(booted):
@@ -338,8 +403,6 @@ def test_boot_sh_becomes_gunicorn_and_stops_cleanly_on_sigterm(booted):
 
 @pytest.mark.parametrize("how", ["unset", "empty"])
 def test_boot_sh_without_api_secret_key_exits_with_one_line(tmp_path, how):
-    if how == "unset" and (ROOT / ".env").exists():
-        pytest.skip(".env may set API_SECRET_KEY")
     env = boot_env(tmp_path, API_SECRET_KEY=None if how == "unset" else "")
 
     completed = subprocess.run(

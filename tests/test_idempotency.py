@@ -78,9 +78,11 @@ def test_answered_key_replays_stored_answer_without_llm_or_quota(api, fake_llm, 
     assert replay.status_code == 200
     assert replay.get_json() == {
         "response": "Поднимите рейтинг карточки.",
+        "parts": ["Поднимите рейтинг карточки."],
         "tokens_used": 42,
         "remaining_requests": 29,
         "daily_limit": 30,
+        "model": "gpt-4o-mini",
     }
     assert_counted_stored_and_called(sql, fake_llm, 1)
 

@@ -170,10 +170,13 @@ def test_quota_counters_add_up(traffic, metric, expected):
 
 @pytest.mark.parametrize(
     ("outcome", "expected"),
-    [("ok", lambda t: t.statuses[200]), ("unavailable", lambda t: t.statuses[502])],
+    # A 400 from the model is the request's fault: "rejected", never a fallback.
+    [("ok", lambda t: t.statuses[200]), ("rejected", lambda t: t.statuses[502])],
 )
-def test_llm_calls_are_counted_by_outcome(traffic, outcome, expected):
-    assert traffic.value("ai_chat_llm_requests_total", outcome=outcome) == expected(traffic)
+def test_llm_calls_are_counted_by_outcome_model_and_provider(traffic, outcome, expected):
+    assert traffic.value(
+        "ai_chat_llm_requests_total", outcome=outcome, model="gpt-4o-mini", provider="openai"
+    ) == expected(traffic)
 
 
 def test_llm_tokens_are_the_sum_of_tokens_used_answered(traffic):
@@ -229,6 +232,9 @@ def test_metric_names_follow_prometheus_conventions(traffic):
         elif family.type == "histogram":
             if not family.name.endswith("_seconds"):
                 problems.append(f"{family.name}: duration histogram not in _seconds")
+        elif family.type == "gauge":
+            if not family.name.endswith("_in_flight"):
+                problems.append(f"{family.name}: gauge is not an _in_flight count")
         else:
             problems.append(f"{family.name}: unexpected type {family.type}")
         for sample in family.samples:

@@ -244,7 +244,8 @@ def test_internal_error_body_carries_only_code_message_and_request_id(api, faili
 
     assert response.status_code == 500
     body = response.get_json()
-    assert set(body) == {"error", "message", "request_id"}
+    assert set(body) == {"error", "message", "request_id", "detail"}
+    assert body["detail"] == {key: body[key] for key in ("error", "message", "request_id")}
     assert body["error"] == "internal_error"
     assert body["request_id"] == response.headers["X-Request-ID"]
     text = response.get_data(as_text=True).lower()

@@ -13,8 +13,10 @@ from datetime import date, datetime
 
 import pytest
 
+from app.render import render
 from tests.conftest import Api, freeze_app, request_count
 from tests.fake_llm import delay, drop, garbage, ok, status
+from tests.telegram_html import check as check_telegram_html
 
 CYRILLIC = re.compile(r"[А-Яа-яЁё]{3,}")
 
@@ -46,6 +48,8 @@ def test_send_answers_with_response_tokens_and_remaining(api, fake_llm):
     body = response.get_json()
     assert body == {
         "response": "Поднимите рейтинг карточки.",
+        "parts": ["Поднимите рейтинг карточки."],
+        "model": "gpt-4o-mini",
         "tokens_used": 123,
         "remaining_requests": 29,
         "daily_limit": 30,
@@ -417,15 +421,29 @@ def test_message_reaches_llm_and_storage_verbatim(api, fake_llm, sql, text):
 
 
 @pytest.mark.parametrize("text", HOSTILE_TEXTS)
-def test_llm_answer_is_returned_and_stored_verbatim(api, fake_llm, sql, text):
+def test_llm_answer_is_stored_verbatim_and_returned_as_the_model_wrote_it_in_markdown(
+    api, fake_llm, sql, text
+):
     fake_llm.script(ok(text))
 
-    response = api.send()
+    response = api.send(format="markdown")
 
     assert response.status_code == 200
     assert response.get_json()["response"] == text
     assert stored_rows(sql)[0][1] == text
-    assert api.history().get_json()["items"][0]["response"] == text
+    assert api.history(format="markdown").get_json()["items"][0]["response"] == text
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXTS)
+def test_llm_answer_is_returned_as_telegram_html_by_default(api, fake_llm, text):
+    fake_llm.script(ok(text))
+
+    body = api.send().get_json()
+
+    assert body["response"] == render(text, "telegram_html").text
+    assert body["parts"] == list(render(text, "telegram_html").parts)
+    for part in body["parts"]:
+        check_telegram_html(part)
 
 
 def test_sql_injection_text_leaves_the_table_intact(api, sql):

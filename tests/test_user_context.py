@@ -3,11 +3,12 @@ prompt" → personalisation).
 
 When a send has no ``user_context`` and ``USER_CONTEXT_URL`` is set, the
 service fetches ``{sales, stocks, orders, reviews}`` from the main server with
-``X-API-KEY`` and hands it to the model as a second, size-bounded system
-message with Russian section titles. A ``user_context`` in the request is used
-as is (``""`` means none); any failure of the fetch only means the answer is
-not personalised, and each fetch is counted in
-``ai_chat_user_context_fetches_total{outcome}``.
+``X-API-KEY`` and hands it to the model as a size-bounded, delimited block of
+the seller's own message (``<seller_data>``), with Russian section titles. A
+``user_context`` in the request is used as is (``""`` means none); any failure
+of the fetch only means the answer is not personalised, and each fetch is
+counted in ``ai_chat_user_context_fetches_total{outcome}``. The fetch has a
+total budget, and its key goes to the configured origin only.
 
 The main server is a small scriptable stdlib HTTP server defined here; what
 the model received is read from the fake LLM.
@@ -57,15 +58,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         main = self.server.main
         main.record(self.path, self.headers.get("X-API-KEY"))
-        reply = main.reply
+        reply = main.replies.pop(0) if main.replies else main.reply
         if reply.get("sleep"):
             time.sleep(reply["sleep"])
         body = reply["body"]
-        self.send_response(reply["status"])
-        self.send_header("Content-Type", reply.get("content_type", "application/json"))
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        head = (
+            f"HTTP/1.1 {reply['status']} X\r\n"
+            f"Content-Type: {reply.get('content_type', 'application/json')}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            + (f"Location: {reply['location']}\r\n" if reply.get("location") else "")
+            + "\r\n"
+        ).encode()
+        if not reply.get("drip"):
+            self.wfile.write(head + body)
+            return
+        # One byte at a time: every read of the client gets data before its timeout.
+        for byte in head + body:
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+            time.sleep(reply["drip"])
 
     def log_message(self, format, *args):
         pass
@@ -78,6 +89,8 @@ class FakeMainServer:
         self._lock = threading.Lock()
         self._requests: list[dict] = []
         self.reply: dict = {}
+        # Served first, one per request, before ``reply`` (e.g. a redirect).
+        self.replies: list[dict] = []
         self.reply_json(SELLER_DATA)
         self._server = _MainServer(("127.0.0.1", 0), _Handler)
         self._server.main = self
@@ -92,6 +105,9 @@ class FakeMainServer:
 
     def reply_raw(self, body: bytes, status: int = 200, sleep: float = 0.0, **extra) -> None:
         self.reply = {"body": body, "status": status, "sleep": sleep, **extra}
+
+    def redirect_once(self, location: str, status: int = 307) -> None:
+        self.replies.append({"body": b"", "status": status, "location": location})
 
     def record(self, path: str, api_key: str | None) -> None:
         with self._lock:
@@ -144,6 +160,16 @@ def sent_messages(fake_llm) -> list[dict]:
     return fake_llm.requests[0]["body"]["messages"]
 
 
+def seller_data(fake_llm) -> str | None:
+    """The ``<seller_data>`` block of the new user message, None without one."""
+    messages = sent_messages(fake_llm)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    question = messages[-1]["content"]
+    if "<seller_data>" not in question:
+        return None
+    return question.split("<seller_data>", 1)[1].split("</seller_data>", 1)[0]
+
+
 def all_fetches(api) -> dict[str, float]:
     """``ai_chat_user_context_fetches_total`` by outcome, as ``GET /metrics`` shows it."""
     counted = dict.fromkeys(FETCH_OUTCOMES, 0.0)
@@ -168,17 +194,15 @@ def test_absent_context_is_fetched_for_the_user_id_in_the_path(api, main_server)
     assert [r["path"] for r in main_server.requests] == ["/api/v1/bot/user-context/424242"]
 
 
-def test_fetched_data_reaches_the_llm_as_second_system_message(api, fake_llm):
+def test_fetched_data_reaches_the_llm_as_the_seller_data_block(api, fake_llm):
     api.send(message="Что у меня с продажами?")
 
-    messages = sent_messages(fake_llm)
-    assert [m["role"] for m in messages] == ["system", "system", "user"]
-    personal = messages[1]["content"]
+    personal = seller_data(fake_llm)
     assert "1234567" in personal
     assert "WB-42" in personal
     for title in TITLES:
         assert title in personal
-    assert messages[2]["content"] == "Что у меня с продажами?"
+    assert sent_messages(fake_llm)[-1]["content"].endswith("Что у меня с продажами?")
 
 
 def test_wrapped_payload_is_unwrapped(api, main_server, fake_llm):
@@ -186,7 +210,7 @@ def test_wrapped_payload_is_unwrapped(api, main_server, fake_llm):
 
     api.send()
 
-    personal = sent_messages(fake_llm)[1]["content"]
+    personal = seller_data(fake_llm)
     assert "1234567" in personal
     assert "success" not in personal
 
@@ -199,10 +223,9 @@ def test_huge_payload_gives_a_bounded_personalisation_block(api, main_server, fa
     response = api.send()
 
     assert response.status_code == 200
-    messages = sent_messages(fake_llm)
-    assert [m["role"] for m in messages] == ["system", "system", "user"]
-    assert "WB-0" in messages[1]["content"]
-    assert len(messages[1]["content"]) < 8000
+    personal = seller_data(fake_llm)
+    assert "WB-0" in personal
+    assert len(personal) < 8000
 
 
 @pytest.mark.parametrize(
@@ -237,9 +260,7 @@ def test_context_in_request_is_used_and_nothing_is_fetched(api, main_server, fak
     api.send(user_context="Выручка за неделю: 777000 ₽")
 
     assert main_server.requests == []
-    messages = sent_messages(fake_llm)
-    assert [m["role"] for m in messages] == ["system", "system", "user"]
-    assert "Выручка за неделю: 777000 ₽" in messages[1]["content"]
+    assert "Выручка за неделю: 777000 ₽" in seller_data(fake_llm)
 
 
 def test_empty_context_in_request_means_no_personalisation(api, main_server, fake_llm):
@@ -249,7 +270,7 @@ def test_empty_context_in_request_means_no_personalisation(api, main_server, fak
 
     assert response.status_code == 200
     assert main_server.requests == []
-    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert seller_data(fake_llm) is None
     assert all_fetches(api) == before
 
 
@@ -257,7 +278,7 @@ def test_null_context_in_request_is_fetched(api, main_server, fake_llm):
     api.send(user_context=None)
 
     assert len(main_server.requests) == 1
-    assert "1234567" in sent_messages(fake_llm)[1]["content"]
+    assert "1234567" in seller_data(fake_llm)
 
 
 def test_nothing_is_fetched_without_user_context_url(make_api, fake_llm):
@@ -267,7 +288,7 @@ def test_nothing_is_fetched_without_user_context_url(make_api, fake_llm):
     response = api.send()
 
     assert response.status_code == 200
-    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert seller_data(fake_llm) is None
     assert all_fetches(api) == before
 
 
@@ -307,7 +328,7 @@ def test_unusable_context_answers_without_personalisation(
 
     assert response.status_code == 200
     assert len(main_server.requests) == 1
-    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert seller_data(fake_llm) is None
     assert request_count(sql) == 1
     assert fetches(api, outcome) == before + 1
 
@@ -320,6 +341,68 @@ def test_unreachable_main_server_answers_without_personalisation(make_api, fake_
     response = api.send()
 
     assert response.status_code == 200
-    assert [m["role"] for m in sent_messages(fake_llm)] == ["system", "user"]
+    assert seller_data(fake_llm) is None
     assert request_count(sql) == 1
     assert fetches(api, "error") == before + 1
+
+
+# --- a bounded fetch -------------------------------------------------------------
+
+
+def test_a_dripping_main_server_cannot_hold_the_request_past_the_fetch_budget(
+    api, main_server, fake_llm, sql
+):
+    # A byte every 0.2 s: each read gets data long before any per-read timeout,
+    # and the whole answer would take about 30 s.
+    main_server.reply_json(SELLER_DATA)
+    main_server.reply["drip"] = 0.2
+    before = fetches(api, "timeout")
+    started = time.monotonic()
+
+    response = api.send()
+
+    assert response.status_code == 200
+    # The fetch budget is USER_CONTEXT_TIMEOUT (0.5 s); a wide margin for a busy CI.
+    assert time.monotonic() - started < 3
+    assert seller_data(fake_llm) is None
+    assert fetches(api, "timeout") == before + 1
+    assert request_count(sql) == 1
+
+
+# --- redirects -------------------------------------------------------------------
+
+
+def test_a_redirect_on_the_same_origin_is_followed_with_the_key(api, main_server, fake_llm):
+    # FastAPI answers a missing trailing slash like this.
+    main_server.redirect_once("/api/v1/bot/user-context/1/")
+
+    assert api.send(telegram_id=1).status_code == 200
+
+    assert [(r["path"], r["api_key"]) for r in main_server.requests] == [
+        ("/api/v1/bot/user-context/1", API_KEY),
+        ("/api/v1/bot/user-context/1/", API_KEY),
+    ]
+    assert "1234567" in seller_data(fake_llm)
+
+
+def test_a_redirect_to_another_origin_never_carries_the_key(api, main_server, fake_llm):
+    elsewhere = FakeMainServer()
+    try:
+        main_server.redirect_once(f"{elsewhere.url}/collect")
+
+        assert api.send(telegram_id=1).status_code == 200
+
+        assert [r["api_key"] for r in main_server.requests] == [API_KEY]
+        assert [(r["path"], r["api_key"]) for r in elsewhere.requests] == [("/collect", None)]
+    finally:
+        elsewhere.stop()
+
+
+def test_endless_redirects_end_without_personalisation(api, main_server, fake_llm):
+    for _ in range(10):
+        main_server.redirect_once("/api/v1/bot/user-context/1")
+
+    assert api.send(telegram_id=1).status_code == 200
+
+    assert len(main_server.requests) == 4  # the first request and three redirects
+    assert seller_data(fake_llm) is None

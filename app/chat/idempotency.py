@@ -2,55 +2,106 @@
 
 The unique constraint on that pair decides, in the database, which request
 owns a key, so the rule holds across threads, workers and instances. A claim
-is in flight until it points at the stored exchange; a claim whose request
-died is taken over once it is older than the longest a request can live.
+is in flight until it points at the stored exchange. A claim whose request
+died is taken over once it is older than the longest a request can live; the
+claim then gets a new ``claim_token``, and since completing or releasing a
+claim requires its token, a late original request can do neither: its
+answer is not stored and its unit is refunded, so exactly one answer is
+stored and paid for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, text
-
+from app.chat.quota import USER_LIMIT_SQL
 from app.errors import IdempotencyKeyReused, RequestInProgress
-from app.extensions import db
-from app.models import UTCDateTime
+from app.sql import Connection, Statement, transaction
 
-_CLAIM = text(
+_CLAIM = Statement(
     """
     INSERT INTO ai_chat_idempotency_keys AS k
-        (telegram_id, request_id, message_sha256, claimed_at)
-    VALUES (:telegram_id, :request_id, :sha, :now)
+        (telegram_id, request_id, message_sha256, claim_token, claimed_at)
+    VALUES (:telegram_id, :request_id, :sha, :token, :now)
     ON CONFLICT (telegram_id, request_id) DO UPDATE SET
-        message_sha256 = :sha, claimed_at = :now
+        message_sha256 = :sha, claim_token = :token, claimed_at = :now
     WHERE k.chat_request_id IS NULL AND k.claimed_at < :stale_before
     RETURNING id
     """
-).bindparams(
-    bindparam("now", type_=UTCDateTime()),
-    bindparam("stale_before", type_=UTCDateTime()),
 )
 
-_LOOKUP = text(
-    """
-    SELECT k.message_sha256, r.response, r.tokens_used
+# The stored answer of a key, with what a replay reports about today's quota.
+_LOOKUP = Statement(
+    f"""
+    SELECT k.message_sha256, r.response, r.tokens_used, r.model, {USER_LIMIT_SQL},
+        (SELECT request_count FROM ai_chat_daily_limits
+         WHERE telegram_id = :telegram_id AND last_reset_date >= :today)
     FROM ai_chat_idempotency_keys AS k
     LEFT JOIN ai_chat_requests AS r ON r.id = k.chat_request_id
     WHERE k.telegram_id = :telegram_id AND k.request_id = :request_id
     """
 )
 
-_COMPLETE = text("UPDATE ai_chat_idempotency_keys SET chat_request_id = :row_id WHERE id = :id")
-_RELEASE = text("DELETE FROM ai_chat_idempotency_keys WHERE id = :id")
-_FORGET = text("DELETE FROM ai_chat_idempotency_keys WHERE telegram_id = :telegram_id")
+_RELEASE = Statement(
+    "DELETE FROM ai_chat_idempotency_keys "
+    "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
+)
+_FORGET = Statement("DELETE FROM ai_chat_idempotency_keys WHERE telegram_id = :telegram_id")
+
+_INSERT_EXCHANGE = """
+    INSERT INTO ai_chat_requests
+        (telegram_id, user_id, message, response, tokens_used, request_date, created_at, model)
+    {source}
+    RETURNING id
+"""
+_VALUES = (
+    ":telegram_id, :user_id, :message, :response, :tokens_used, :request_date, "
+    ":created_at, :model"
+)
+SAVE = Statement(_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})"))
+
+# PostgreSQL: store the exchange and point the key at it in one statement,
+# and only while the claim is still ours (the row lock keeps a takeover out
+# until we commit; a takeover that came first leaves nothing to insert).
+_SAVE_COMPLETING_PG = Statement(
+    f"""
+    WITH claim AS (
+        SELECT id FROM ai_chat_idempotency_keys
+        WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL
+        FOR UPDATE
+    ), saved AS (
+        {_INSERT_EXCHANGE.format(source=f"SELECT {_VALUES} FROM claim")}
+    )
+    UPDATE ai_chat_idempotency_keys AS k SET chat_request_id = saved.id
+    FROM saved WHERE k.id = :claim_id
+    RETURNING k.id
+    """
+)
+_OWNED = Statement(
+    "SELECT id FROM ai_chat_idempotency_keys "
+    "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
+)
+_COMPLETE = Statement(
+    "UPDATE ai_chat_idempotency_keys SET chat_request_id = :row_id WHERE id = :claim_id"
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    token: str
 
 
 @dataclass(frozen=True)
 class StoredAnswer:
     response: str
     tokens_used: int
+    model: str | None
+    daily_limit: int
+    used_today: int
 
 
 def message_digest(message: str) -> str:
@@ -58,52 +109,67 @@ def message_digest(message: str) -> str:
 
 
 def claim_key(
-    telegram_id: int, request_id: str, message: str, now: datetime, claim_ttl: float
-) -> int | StoredAnswer:
-    """Own the key (returns the claim id) or get the answer it already has.
-
-    The caller commits.
+    conn: Connection,
+    telegram_id: int,
+    request_id: str,
+    message: str,
+    now: datetime,
+    claim_ttl: float,
+    default_limit: int,
+    today,
+) -> Claim | StoredAnswer:
+    """Own the key or get the answer it already has.
 
     Raises:
         RequestInProgress: another request holds a live claim on the key.
         IdempotencyKeyReused: the key belongs to a different message.
     """
     sha = message_digest(message)
-    claim_id = db.session.execute(
-        _CLAIM,
-        {
-            "telegram_id": telegram_id,
-            "request_id": request_id,
-            "sha": sha,
-            "now": now,
-            "stale_before": now - timedelta(seconds=claim_ttl),
-        },
-    ).scalar()
-    if claim_id is not None:
-        return claim_id
-    row = db.session.execute(
-        _LOOKUP, {"telegram_id": telegram_id, "request_id": request_id}
-    ).first()
-    if row is None:
+    token = secrets.token_hex(16)
+    params = {
+        "telegram_id": telegram_id,
+        "request_id": request_id,
+        "sha": sha,
+        "token": token,
+        "now": now,
+        "stale_before": now - timedelta(seconds=claim_ttl),
+        "default_limit": default_limit,
+        "today": today,
+    }
+    rows = conn.run(_CLAIM, params)
+    if rows:
+        return Claim(rows[0][0], token)
+    rows = conn.run(_LOOKUP, params)
+    if not rows:
         # The holder failed and released the key between our two statements.
         raise RequestInProgress()
-    if row.message_sha256 != sha:
+    stored_sha, response, tokens, model, limit, used = rows[0]
+    if stored_sha != sha:
         raise IdempotencyKeyReused()
-    if row.response is None:
+    if response is None:
         raise RequestInProgress()
-    return StoredAnswer(response=row.response, tokens_used=row.tokens_used)
+    return StoredAnswer(response, tokens or 0, model, limit, used or 0)
 
 
-def complete_key(claim_id: int, chat_request_id: int) -> None:
-    """Point the claim at the stored exchange; replays read it from now on."""
-    db.session.execute(_COMPLETE, {"id": claim_id, "row_id": chat_request_id})
+def save_completing(conn: Connection, values: dict, claim: Claim) -> bool:
+    """Store the exchange and point the claim at it, atomically; False (and
+    nothing stored) when the claim is no longer ours."""
+    params = {**values, "claim_id": claim.id, "token": claim.token}
+    if conn.dialect_name == "postgresql":
+        return bool(conn.run(_SAVE_COMPLETING_PG, params))
+    with transaction(conn):
+        if not conn.run(_OWNED, params):
+            return False
+        row_id = conn.run(SAVE, values)[0][0]
+        conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
+    return True
 
 
-def release_key(claim_id: int) -> None:
-    """Free the key after a failure so the client can retry with it."""
-    db.session.execute(_RELEASE, {"id": claim_id})
+def release_key(conn: Connection, claim: Claim) -> None:
+    """Free our claim after a failure so the client can retry with the key."""
+    conn.run(_RELEASE, {"claim_id": claim.id, "token": claim.token})
 
 
-def forget_keys(telegram_id: int) -> None:
+def forget_keys(conn: Connection, telegram_id: int) -> None:
     """Drop every key of the user (their history is being deleted)."""
-    db.session.execute(_FORGET, {"telegram_id": telegram_id})
+    conn.run(_FORGET, {"telegram_id": telegram_id})

@@ -1,73 +1,133 @@
-"""Atomic reserve / refund / read of a user's daily counter.
+"""Atomic reserve / refund / read of a user's daily counter, and the user's
+own limit next to it.
 
 The counter row is the only shared state between workers and instances, so
 every change to it is one SQL statement that the database serialises on the
-row; there is never a read followed by a write. The same SQL runs on
-PostgreSQL and on SQLite (both have ``INSERT … ON CONFLICT … RETURNING``).
+row; there is never a read followed by a write. The user's own limit
+(``ai_chat_user_settings.daily_limit``, null = ``DAILY_LIMIT``, 0 =
+unlimited) is read by a subquery *inside* the reservation statement, so a
+limit changed while sends are in flight applies to every reservation that
+runs after the change, and none can overshoot it.
+
+The day never goes backwards: the date a request brings comes from its
+instance's clock, and a slow request across midnight (or an instance whose
+clock is behind) brings yesterday. Such a request counts against the row's
+own, later day instead of restarting it, and the refund of a failed request
+names the day its unit was actually counted on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Date, bindparam, text
+from app.sql import Connection, Statement, as_date, run
 
-from app.extensions import db
-from app.models import UTCDateTime
-
-# Stand-in cap for DAILY_LIMIT=0 (unlimited): answers are still counted.
+# Stand-in cap for a limit of 0 (unlimited): answers are still counted.
 UNLIMITED_CAP = 2**31 - 1
 
-_DATE_PARAMS = (
-    bindparam("today", type_=Date()),
-    bindparam("now", type_=UTCDateTime()),
-)
-
-# A new user gets a row with 1. An existing row is bumped when it is still
-# under the cap today, or restarted at 1 when its day is over. When the WHERE
-# fails (cap reached today) nothing is written and no row comes back: that
+# A new user gets a row with 1. An existing row is bumped when it is under
+# the user's cap on its day, or restarted at 1 when its day is over. When the
+# WHERE fails (cap reached) nothing is written and no row comes back: that
 # absence *is* the 429. The row lock taken by ON CONFLICT makes concurrent
 # reservations queue up and re-check the WHERE against the committed count,
 # so no interleaving can grant more than the cap.
-_RESERVE = text(
-    """
+_UPSERT = """
     INSERT INTO ai_chat_daily_limits AS l
         (telegram_id, request_count, last_reset_date, created_at, updated_at)
     VALUES (:telegram_id, 1, :today, :now, :now)
     ON CONFLICT (telegram_id) DO UPDATE SET
-        request_count = CASE WHEN l.last_reset_date = :today
+        request_count = CASE WHEN l.last_reset_date >= :today
                              THEN l.request_count + 1 ELSE 1 END,
-        last_reset_date = :today,
+        last_reset_date = {latest},
         updated_at = :now
-    WHERE l.last_reset_date <> :today OR l.request_count < :cap
-    RETURNING request_count
-    """
-).bindparams(*_DATE_PARAMS)
+    WHERE l.last_reset_date < :today OR {limit} = 0 OR l.request_count < {limit}
+"""
+USER_LIMIT_SQL = (
+    "COALESCE((SELECT daily_limit FROM ai_chat_user_settings "
+    "WHERE telegram_id = :telegram_id), :default_limit)"
+)
 
-# Gives back the unit of a failed answer, but only on the day it was taken:
-# after midnight the counter already restarted and owes nothing.
-_REFUND = text(
+# PostgreSQL: the reservation, the user's settings, the count behind a 429 and
+# the context of a granted request, in one round trip. The context rows are
+# read only when the reservation was granted (the LATERAL's condition).
+_RESERVE_PG = Statement(
+    f"""
+    WITH settings AS (
+        SELECT daily_limit, preferred_model FROM ai_chat_user_settings
+        WHERE telegram_id = :telegram_id
+    ), quota AS (
+        SELECT COALESCE((SELECT daily_limit FROM settings), :default_limit) AS daily_limit
+    ), reserved AS (
+        {_UPSERT.format(latest="GREATEST(l.last_reset_date, :today)",
+                        limit="(SELECT daily_limit FROM quota)")}
+        RETURNING request_count, last_reset_date
+    )
+    SELECT r.request_count, r.last_reset_date, q.daily_limit,
+           (SELECT preferred_model FROM settings),
+           CASE WHEN r.request_count IS NULL THEN
+               (SELECT request_count FROM ai_chat_daily_limits
+                WHERE telegram_id = :telegram_id) END,
+           c.message, c.response
+    FROM quota AS q
+    LEFT JOIN reserved AS r ON TRUE
+    LEFT JOIN LATERAL (
+        SELECT id, message, response FROM ai_chat_requests
+        WHERE telegram_id = :telegram_id AND r.request_count IS NOT NULL
+        ORDER BY id DESC LIMIT :context
+    ) AS c ON TRUE
+    ORDER BY c.id DESC
+    """
+)
+
+# SQLite has no data-modifying CTEs: the reservation returns the settings
+# (subqueries are allowed in its RETURNING), the context is read after it.
+_RESERVE_SQLITE = Statement(
+    _UPSERT.format(latest="MAX(l.last_reset_date, :today)", limit=USER_LIMIT_SQL)
+    + f"""
+    RETURNING request_count, last_reset_date, {USER_LIMIT_SQL},
+        (SELECT preferred_model FROM ai_chat_user_settings WHERE telegram_id = :telegram_id)
+    """
+)
+_REFUSED_SQLITE = Statement(
+    f"SELECT {USER_LIMIT_SQL}, (SELECT request_count FROM ai_chat_daily_limits "
+    "WHERE telegram_id = :telegram_id)"
+)
+_RECENT = Statement(
+    "SELECT message, response FROM ai_chat_requests "
+    "WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :context"
+)
+
+# Gives back the unit of a failed answer, on the day it was counted on: after
+# that day's midnight the counter already restarted and owes nothing.
+_REFUND = Statement(
     """
     UPDATE ai_chat_daily_limits
     SET request_count = request_count - 1, updated_at = :now
-    WHERE telegram_id = :telegram_id AND last_reset_date = :today AND request_count > 0
+    WHERE telegram_id = :telegram_id AND last_reset_date = :counted_on AND request_count > 0
     """
-).bindparams(*_DATE_PARAMS)
+)
 
-_RESET = text(
+_RESET = Statement(
     """
     UPDATE ai_chat_daily_limits
-    SET request_count = 0, last_reset_date = :today, updated_at = :now
+    SET request_count = 0,
+        last_reset_date = CASE WHEN last_reset_date > :today THEN last_reset_date
+                               ELSE :today END,
+        updated_at = :now
     WHERE telegram_id = :telegram_id
+    RETURNING telegram_id
     """
-).bindparams(*_DATE_PARAMS)
+)
 
-_READ = text(
-    "SELECT request_count FROM ai_chat_daily_limits "
-    "WHERE telegram_id = :telegram_id AND last_reset_date = :today"
-).bindparams(bindparam("today", type_=Date()))
+_USAGE = Statement(
+    f"""
+    SELECT {USER_LIMIT_SQL},
+        (SELECT request_count FROM ai_chat_daily_limits
+         WHERE telegram_id = :telegram_id AND last_reset_date >= :today)
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +154,7 @@ class Day:
 
 @dataclass(frozen=True)
 class Usage:
-    """A user's answers today against the limit (0 = unlimited)."""
+    """A user's answers today against their limit (0 = unlimited)."""
 
     limit: int
     used: int
@@ -108,44 +168,66 @@ class Usage:
         return None if self.unlimited else max(0, self.limit - self.used)
 
 
-def reserve_quota(telegram_id: int, day: Day, limit: int) -> int | None:
-    """Take one unit of today's quota in one statement.
+@dataclass(frozen=True)
+class Reservation:
+    """The outcome of ``reserve``: granted when ``counted_on`` is set."""
 
-    Returns the count including this unit, or None when the limit is reached.
-    The caller commits.
+    usage: Usage
+    counted_on: date | None
+    preferred_model: str | None = None
+    context: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def granted(self) -> bool:
+        return self.counted_on is not None
+
+
+def reserve(
+    conn: Connection, telegram_id: int, day: Day, default_limit: int, context: int
+) -> Reservation:
+    """Take one unit of the user's quota in one statement (committed at once).
+
+    Also returns the user's preferred model and, when granted, their last
+    ``context`` exchanges oldest first (same round trip on PostgreSQL).
     """
-    cap = limit or UNLIMITED_CAP
-    row = db.session.execute(
-        _RESERVE,
-        {"telegram_id": telegram_id, "today": day.today, "now": day.now, "cap": cap},
-    ).first()
-    return None if row is None else row[0]
+    params = {
+        "telegram_id": telegram_id,
+        "today": day.today,
+        "now": day.now,
+        "default_limit": default_limit,
+        "context": context,
+    }
+    if conn.dialect_name == "postgresql":
+        rows = conn.run(_RESERVE_PG, params)
+        count, counted_on, limit, preferred, refused_count = rows[0][:5]
+        exchanges = [(row[5], row[6]) for row in reversed(rows) if row[5] is not None]
+        if count is None:
+            return Reservation(Usage(limit, refused_count or 0), None, preferred)
+        return Reservation(Usage(limit, count), counted_on, preferred, exchanges)
+    rows = conn.run(_RESERVE_SQLITE, params)
+    if not rows:
+        limit, refused_count = conn.run(_REFUSED_SQLITE, params)[0]
+        return Reservation(Usage(limit, refused_count or 0), None)
+    count, counted_on, limit, preferred = rows[0]
+    exchanges = conn.run(_RECENT, params) if context > 0 else []
+    return Reservation(Usage(limit, count), as_date(counted_on), preferred, exchanges[::-1])
 
 
-def refund_quota(telegram_id: int, day: Day) -> None:
-    """Give back the unit reserved on ``day`` for a request that failed.
-
-    The caller commits.
-    """
-    db.session.execute(
-        _REFUND, {"telegram_id": telegram_id, "today": day.today, "now": day.now}
-    )
+def refund(conn: Connection, telegram_id: int, counted_on: date, now: datetime) -> None:
+    """Give back the unit a failed request reserved on ``counted_on``."""
+    conn.run(_REFUND, {"telegram_id": telegram_id, "counted_on": counted_on, "now": now})
 
 
 def reset_quota(telegram_id: int, day: Day) -> bool:
-    """Zero the user's counter for today; False when the user has no row.
-
-    The caller commits.
-    """
-    result = db.session.execute(
-        _RESET, {"telegram_id": telegram_id, "today": day.today, "now": day.now}
-    )
-    return result.rowcount > 0
+    """Zero the user's counter for today; False when the user has no row."""
+    rows = run(_RESET, {"telegram_id": telegram_id, "today": day.today, "now": day.now})
+    return bool(rows)
 
 
-def used_today(telegram_id: int, day: Day) -> int:
-    """Answers counted for the user today; a stale or missing row means 0."""
-    count = db.session.execute(
-        _READ, {"telegram_id": telegram_id, "today": day.today}
-    ).scalar()
-    return count or 0
+def usage_today(telegram_id: int, day: Day, default_limit: int) -> Usage:
+    """The user's limit and answers counted today (a stale or missing row is 0)."""
+    limit, used = run(
+        _USAGE,
+        {"telegram_id": telegram_id, "today": day.today, "default_limit": default_limit},
+    )[0]
+    return Usage(limit, used or 0)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from flask import current_app
 from flask.views import MethodView
 
-from app.api import Blueprint, admin_required, require_api_key
-from app.chat import schemas, send, service
+from app.api import Blueprint, admin_required, require_admin_key, require_api_key
+from app.chat import schemas, send, service, stream
+from app.deadline import admit, request_deadline
 from app.errors import ErrorSchema, ValidationFailed
 
 blp = Blueprint(
@@ -42,9 +44,14 @@ _DESCRIPTIONS = {
     422: "Schema violation or idempotency key reused",
     429: "Daily quota used up",
     502: "LLM failed",
-    503: "LLM not configured or database unavailable",
+    503: "LLM not configured, database unavailable, or the service is restarting / "
+         "overloaded (service_unavailable, nothing reserved)",
     504: "LLM timed out",
 }
+
+# Seconds a client should wait before retrying a send refused with 503
+# service_unavailable (a restart or a queue that has drained by then).
+RETRY_AFTER_SECONDS = 5
 
 
 def checked_telegram_id(telegram_id: int) -> int:
@@ -58,6 +65,34 @@ def server_timing(timings: dict) -> str:
     return ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())
 
 
+def answer_format(requested: str | None) -> str:
+    return requested or current_app.config["RESPONSE_FORMAT"]
+
+
+def send_command(body: dict, idempotency_key: str | None) -> send.SendCommand:
+    """The send of a request (send or stream): its key, format and deadline.
+
+    Raises:
+        ValidationFailed: the body's request_id and the Idempotency-Key differ.
+        ServiceUnavailable: the worker is stopping, or the request waited in
+            the queue too long (app.deadline.admit); nothing is reserved.
+    """
+    request_id = body["request_id"]
+    if idempotency_key and request_id and idempotency_key != request_id:
+        raise ValidationFailed(errors={"request_id": ["Differs from the Idempotency-Key header."]})
+    config = current_app.config
+    deadline = request_deadline(config["REQUEST_DEADLINE"])
+    admit(deadline, config["QUEUE_TIMEOUT"], RETRY_AFTER_SECONDS)
+    return send.SendCommand(
+        **{
+            **body,
+            "request_id": request_id or idempotency_key,
+            "format": answer_format(body["format"]),
+            "deadline": deadline,
+        }
+    )
+
+
 @blp.route("/send")
 class Send(MethodView):
     @blp.arguments(schemas.IdempotencyHeader, location="headers", as_kwargs=True)
@@ -66,18 +101,44 @@ class Send(MethodView):
     @_errors(400, 409, 413, 422, 429, 502, 503, 504)
     def post(self, body, idempotency_key=None):
         """Answer a seller's question, spending one unit of the daily quota"""
-        request_id = body["request_id"]
-        if idempotency_key and request_id and idempotency_key != request_id:
-            raise ValidationFailed(
-                errors={"request_id": ["Differs from the Idempotency-Key header."]}
-            )
-        answer = send.send_message(
-            send.SendCommand(**{**body, "request_id": request_id or idempotency_key})
-        )
+        answer = send.send_message(send_command(body, idempotency_key))
         headers = send.rate_limit_headers(answer.usage, answer.day)
         if answer.timings:
             headers["Server-Timing"] = server_timing(answer.timings)
         return answer.to_dict(), headers
+
+
+STREAM_DOC = {
+    "description": "Server-Sent Events: delta {text}, snapshot {text, parts} (at most once per "
+                   "STREAM_SNAPSHOT_INTERVAL), then done (send's 200 body) or error "
+                   "{error, message}; ': keep-alive' comments while the model is silent",
+    "content": {
+        "text/event-stream": {
+            # One event: its name and its data, a JSON object on one line.
+            "schema": {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["delta", "snapshot", "done", "error"]},
+                    "data": {"type": "string", "contentMediaType": "application/json",
+                             "example": '{"text": "Чтобы поднять"}'},
+                },
+            }
+        }
+    },
+}
+
+
+@blp.route("/stream")
+class Stream(MethodView):
+    @blp.arguments(schemas.IdempotencyHeader, location="headers", as_kwargs=True)
+    @blp.arguments(schemas.SendRequest)
+    @blp.doc(responses={"200": STREAM_DOC})
+    @_errors(400, 409, 413, 422, 429, 503)
+    def post(self, body, idempotency_key=None):
+        """Answer a seller's question as Server-Sent Events while the model writes it"""
+        exchange = send.Exchange(stream.stream_command(send_command(body, idempotency_key)))
+        return stream.stream_response(exchange, exchange.open())
 
 
 @blp.route("/history")
@@ -87,7 +148,7 @@ class History(MethodView):
     @_errors(400, 413, 422, 503)
     def post(self, body):
         """A page of the user's exchanges, newest first"""
-        return service.history(**body)
+        return service.history(**{**body, "format": answer_format(body["format"])})
 
 
 @blp.route("/history/<telegram_id:telegram_id>")
@@ -128,3 +189,21 @@ class Stats(MethodView):
     def get(self, query, telegram_id):
         """Answers and tokens over the last `days` days"""
         return service.stats(checked_telegram_id(telegram_id), query["days"])
+
+
+@blp.route("/users/<telegram_id:telegram_id>/settings")
+class Settings(MethodView):
+    @blp.response(200, schemas.SettingsResponse)
+    @_errors(422, 503)
+    def get(self, telegram_id):
+        """The user's own settings (null = default) and the available models"""
+        return service.user_settings(checked_telegram_id(telegram_id))
+
+    @blp.arguments(schemas.SettingsUpdate)
+    @blp.response(200, schemas.SettingsResponse)
+    @_errors(400, 413, 422, 503)
+    def put(self, body, telegram_id):
+        """Set the preferred model (bot key) and/or the daily limit (admin key)"""
+        if "daily_limit" in body:
+            require_admin_key()
+        return service.update_user_settings(checked_telegram_id(telegram_id), body)

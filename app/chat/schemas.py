@@ -11,6 +11,8 @@ import re
 import marshmallow as ma
 from marshmallow import fields, validate
 
+from app.render import FORMATS
+
 MAX_BIGINT = 2**63 - 1
 MAX_INTEGER = 2**31 - 1
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -43,6 +45,24 @@ def not_blank(value: str) -> None:
 def valid_request_id(value: str) -> None:
     if not REQUEST_ID_PATTERN.fullmatch(value):
         raise ma.ValidationError("Must be 1-128 characters of A-Z a-z 0-9 . _ : -")
+
+
+def format_field() -> fields.String:
+    return fields.String(
+        load_default=None,
+        validate=validate.OneOf(FORMATS),
+        metadata={"description": "How answers are rendered; default RESPONSE_FORMAT",
+                  "example": "telegram_html"},
+    )
+
+
+def model_field(**kwargs) -> fields.String:
+    return fields.String(
+        validate=validate.Length(1, 200),
+        metadata={"description": "One of the configured models (GET …/settings lists them)",
+                  "example": "gpt-4o-mini"},
+        **kwargs,
+    )
 
 
 def telegram_id_field(**kwargs) -> fields.Integer:
@@ -92,12 +112,15 @@ class SendRequest(Schema):
             "pattern": REQUEST_ID_DOC,
         },
     )
+    format = format_field()
+    model = model_field(load_default=None)
 
 
 class HistoryRequest(Schema):
     telegram_id = telegram_id_field(required=True)
     limit = fields.Integer(strict=True, load_default=10, validate=validate.Range(1, 100))
     offset = fields.Integer(strict=True, load_default=0, validate=validate.Range(0, MAX_INTEGER))
+    format = format_field()
 
 
 class ResetLimitRequest(Schema):
@@ -106,6 +129,19 @@ class ResetLimitRequest(Schema):
 
 class StatsQuery(Schema):
     days = fields.Integer(load_default=7, validate=validate.Range(1, 365))
+
+
+class SettingsUpdate(Schema):
+    """Only the fields given change; null puts one back to the default."""
+
+    preferred_model = model_field(allow_none=True)
+    daily_limit = fields.Integer(
+        strict=True,
+        allow_none=True,
+        validate=validate.Range(0, MAX_INTEGER),
+        metadata={"description": "Answers a day for this user; 0 = unlimited, null = "
+                                 "DAILY_LIMIT. Needs ADMIN_API_KEY when that is set."},
+    )
 
 
 class IdempotencyHeader(Schema):
@@ -129,12 +165,25 @@ def ex(value, description=None) -> dict:
 
 
 class SendResponse(Schema):
-    response = fields.String(required=True, metadata=ex("Чтобы поднять карточку в поиске, …"))
+    response = fields.String(
+        required=True,
+        metadata=ex("<b>Чтобы поднять карточку</b> в поиске, …", "The answer in the format"),
+    )
+    parts = fields.List(
+        fields.String(),
+        required=True,
+        metadata=ex(["<b>Чтобы поднять карточку</b> в поиске, …"],
+                    "The answer cut into messages of at most 4096 visible characters, "
+                    "each valid on its own"),
+    )
     remaining_requests = fields.Integer(
         required=True, allow_none=True, metadata=ex(29, "After this answer; null if unlimited")
     )
-    tokens_used = fields.Integer(required=True, metadata=ex(412))
+    tokens_used = fields.Integer(required=True, metadata=ex(412, "0 when the model reported none"))
     daily_limit = fields.Integer(required=True, metadata=ex(30, "0 = unlimited"))
+    model = fields.String(
+        required=True, allow_none=True, metadata=ex("gpt-4o-mini", "The model that answered")
+    )
 
 
 class HistoryItem(Schema):
@@ -142,6 +191,9 @@ class HistoryItem(Schema):
     message = fields.String(required=True, metadata=ex("Как снизить процент возвратов?"))
     response = fields.String(required=True, metadata=ex("Проверьте размерную сетку …"))
     tokens_used = fields.Integer(required=True, metadata=ex(412))
+    model = fields.String(
+        required=True, allow_none=True, metadata=ex("gpt-4o-mini", "null on old rows")
+    )
     created_at = fields.AwareDateTime(required=True, metadata=ex("2026-11-25T12:40:13+00:00"))
 
 
@@ -179,3 +231,29 @@ class StatsResponse(Schema):
     total_tokens = fields.Integer(required=True, metadata=ex(4800))
     avg_requests_per_day = fields.Float(required=True, metadata=ex(1.71))
     avg_tokens_per_request = fields.Float(required=True, metadata=ex(400.0))
+    by_model = fields.List(
+        fields.Nested(lambda: ModelStats()),
+        required=True,
+        metadata={"description": "The same totals per model, most used first"},
+    )
+
+
+class ModelStats(Schema):
+    model = fields.String(
+        required=True, allow_none=True, metadata=ex("gpt-4o-mini", "null: rows of the old service")
+    )
+    requests = fields.Integer(required=True, metadata=ex(12))
+    tokens = fields.Integer(required=True, metadata=ex(4800))
+
+
+class SettingsResponse(Schema):
+    telegram_id = fields.Integer(required=True, metadata=ex(123456789))
+    preferred_model = fields.String(
+        required=True, allow_none=True, metadata=ex(None, "null: the default model answers")
+    )
+    daily_limit = fields.Integer(
+        required=True, allow_none=True, metadata=ex(None, "null: DAILY_LIMIT applies")
+    )
+    models = fields.List(
+        fields.String(), required=True, metadata=ex(["gpt-4o-mini", "qwen2.5-7b"])
+    )

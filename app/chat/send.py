@@ -1,82 +1,88 @@
 """The send use case: reserve a unit, ask the model, save the exchange.
 
-It commits or rolls back its own work and raises the domain errors of
-``app.errors``. No connection is held while the model thinks: the quota
-reservation and the context read are done before the LLM call, and the
-answer is saved afterwards in a statement (or transaction) of its own.
+One ``Exchange`` is one send's life, shared by ``POST /v1/chat/send`` and the
+stream (app/chat/stream.py), which differ only in how the model's text
+reaches the client:
+
+    open()      claim the key, reserve the unit, read the context, build the
+                prompt — everything decided before the model is called
+    complete()  ask the model for the whole answer and finish   (send)
+    finish()    save the exchange (and complete the key)        (both)
+    abandon()   give the unit back and free the key             (both)
+
+No connection is held while the model thinks. From the reservation on, any
+failure gives the unit back: a unit is spent only by an answer given.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from flask import current_app
-from sqlalchemy import Date, bindparam, text
-from sqlalchemy.exc import OperationalError
 
-from app import metrics
+from app import metrics, sql
 from app.chat import idempotency, prompts, quota
 from app.chat.quota import Day, Usage
 from app.chat.service import current_day
-from app.errors import ApiError, DailyLimitExceeded
-from app.extensions import db
+from app.deadline import WRITE_RESERVE_SECONDS, Deadline
+from app.errors import DATABASE_OUTAGE, ApiError, DailyLimitExceeded, RequestInProgress
 from app.logs import annotate
-from app.models import UTCDateTime, begin_transaction
+from app.render import Rendered, render
 from app.user_context import fetch_user_context
 
 log = logging.getLogger(__name__)
 
-# How long the writes after an answer (save, refund) keep retrying a database
-# outage; with LLM_DEADLINE 45 s the bot's 60 s are still not exceeded.
-WRITE_RETRY_SECONDS = 10.0
+# NUL cannot be stored in PostgreSQL text; a lone surrogate cannot be encoded
+# as UTF-8 at all. A model may emit either: clean them, never lose the answer.
+_UNSTORABLE = re.compile(r"[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """The model's text with NUL dropped and lone surrogates replaced."""
+    if not _UNSTORABLE.search(text):
+        return text
+    return _UNSTORABLE.sub(lambda m: "" if m.group() == "\x00" else "\ufffd", text)
 
 
 @dataclass(frozen=True)
 class SendCommand:
     telegram_id: int
     message: str
+    deadline: Deadline
+    format: str
     user_context: str | None = None
     user_id: int | None = None
     request_id: str | None = None
+    model: str | None = None
 
 
 @dataclass
 class Answer:
-    response: str
+    text: str  # the model's raw text, as stored
     tokens_used: int
+    model: str | None
     usage: Usage
     day: Day
+    format: str
     timings: dict = field(default_factory=dict)
+
+    @cached_property
+    def rendered(self) -> Rendered:
+        return render(self.text, self.format)
 
     def to_dict(self) -> dict:
         return {
-            "response": self.response,
+            "response": self.rendered.text,
+            "parts": self.rendered.parts,
             "remaining_requests": self.usage.remaining,
             "tokens_used": self.tokens_used,
             "daily_limit": self.usage.limit,
+            "model": self.model,
         }
-
-
-# The hot path's statements, prebuilt: plain SQL skips the ORM's per-call
-# statement construction and compilation-cache lookups (bench/RESULTS.md).
-_RECENT = text(
-    "SELECT message, response FROM ai_chat_requests "
-    "WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :count"
-)
-_INSERT_SQL = (
-    "INSERT INTO ai_chat_requests "
-    "(telegram_id, user_id, message, response, tokens_used, request_date, created_at) "
-    "VALUES (:telegram_id, :user_id, :message, :response, :tokens_used, :request_date, "
-    ":created_at)"
-)
-_INSERT_TYPES = (
-    bindparam("request_date", type_=Date()),
-    bindparam("created_at", type_=UTCDateTime()),
-)
-_INSERT = text(_INSERT_SQL).bindparams(*_INSERT_TYPES)
-_INSERT_RETURNING_ID = text(_INSERT_SQL + " RETURNING id").bindparams(*_INSERT_TYPES)
 
 
 class Stopwatch:
@@ -106,199 +112,253 @@ def rate_limit_headers(usage: Usage, day: Day) -> dict[str, str]:
     }
 
 
-def _limit_exceeded(usage: Usage, day: Day) -> DailyLimitExceeded:
-    headers = rate_limit_headers(usage, day)
-    headers["Retry-After"] = str(day.seconds_left)
-    return DailyLimitExceeded(
-        headers=headers,
-        daily_limit=usage.limit,
-        requests_today=usage.used,
-        requests_remaining=0,
-        reset_at=day.reset_at.isoformat(),
-    )
-
-
-def recent_exchanges(telegram_id: int, count: int) -> list[tuple[str, str]]:
-    """The user's last ``count`` exchanges, oldest first."""
-    if count <= 0:
-        return []
-    rows = db.session.execute(_RECENT, {"telegram_id": telegram_id, "count": count}).all()
-    return [(message, response) for message, response in reversed(rows)]
-
-
-def _with_write_retries(action, what: str) -> None:
-    """Run and commit ``action``, riding out a database blip of a few seconds.
-
-    Used for the writes that follow an answer (save, refund, key release):
-    the model's work is already done, and giving up at once would lose an
-    answer or a refund to a restart of PostgreSQL.
-    """
-    deadline = time.monotonic() + WRITE_RETRY_SECONDS
-    delay = 0.1
-    while True:
-        try:
-            action()
-            db.session.commit()
-            return
-        except OperationalError:
-            db.session.rollback()
-            if time.monotonic() + delay > deadline:
-                log.error("could not %s: database unavailable", what)
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
-
-
 def send_message(command: SendCommand) -> Answer:
     """Answer a seller's message, spending one unit of quota only on success.
 
     Raises:
         DailyLimitExceeded: the user's quota for today is used up.
         RequestInProgress, IdempotencyKeyReused: see ``idempotency.claim_key``.
+        ValidationFailed: an unknown ``model``.
         LLMNotConfigured, LLMUnavailable, LLMTimeout: the model gave no answer.
-        sqlalchemy OperationalError: the database is unreachable (→ 503).
+        sqlalchemy errors of DATABASE_OUTAGE: the database is unreachable (→ 503).
     """
-    config = current_app.config
-    limit = config["DAILY_LIMIT"]
-    day = current_day()
-    watch = Stopwatch()
-    annotate(telegram_id=command.telegram_id, message_chars=len(command.message))
-
-    claim_id = None
-    if command.request_id:
-        claimed = _claim_key(command, day, limit)
-        if isinstance(claimed, Answer):
-            return claimed
-        claim_id = claimed
-
-    try:
-        used = _reserve(command, day, limit)
-    except BaseException:
-        # The statement failed or refused: no unit to give back, only the key.
-        db.session.rollback()
-        if claim_id is not None:
-            _with_write_retries(lambda: idempotency.release_key(claim_id), "release a key")
-        raise
-    watch.lap("quota")
-
-    # From here on the unit is taken (autocommit): any failure gives it back.
-    try:
-        exchanges = recent_exchanges(command.telegram_id, config["CONTEXT_MESSAGES"])
-        db.session.commit()  # returns the connection to the pool during the LLM call
-        watch.lap("context")
-        messages = prompts.build_messages(
-            command.message, exchanges, _personalisation(command), config["CONTEXT_MAX_CHARS"]
-        )
-        completion = current_app.extensions["llm"].complete(messages)
-        watch.lap("llm")
-    except BaseException as error:
-        _give_back(command.telegram_id, day, claim_id, error)
-        raise
-
-    try:
-        _with_write_retries(lambda: _save(command, completion, day, claim_id), "save an answer")
-    except OperationalError:
-        # The seller gets the answer they were charged for; only the history
-        # row is missing (logged for the operator).
-        pass
-    except Exception as error:
-        _give_back(command.telegram_id, day, claim_id, error)
-        raise
-    watch.lap("save")
-    timings = watch.total()
-    for phase, ms in timings.items():
-        metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
-    annotate(outcome="answered", llm_ms=round(timings["llm"], 1), tokens=completion.tokens)
-    return Answer(completion.text, completion.tokens, Usage(limit, used), day, timings=timings)
+    exchange = Exchange(command)
+    return exchange.open() or exchange.complete()
 
 
-def _claim_key(command: SendCommand, day: Day, limit: int) -> int | Answer:
-    """Own the request's idempotency key, or replay the answer it already has."""
-    config = current_app.config
-    claim_ttl = config["LLM_DEADLINE"] + config["USER_CONTEXT_TIMEOUT"] + WRITE_RETRY_SECONDS + 30
-    claimed = idempotency.claim_key(
-        command.telegram_id, command.request_id, command.message, day.now, claim_ttl
-    )
-    if isinstance(claimed, int):
-        db.session.commit()
-        return claimed
-    used = quota.used_today(command.telegram_id, day)
-    db.session.commit()
-    metrics.IDEMPOTENT_REPLAYS.inc()
-    annotate(outcome="replayed")
-    return Answer(claimed.response, claimed.tokens_used, Usage(limit, used), day)
+class Exchange:
+    """One send: its claim, its reserved unit, its prompt, and their undoing."""
 
+    def __init__(self, command: SendCommand):
+        self.command = command
+        self.config = current_app.config
+        self.llm = current_app.extensions["llm"]
+        self.day = current_day()
+        self.watch = Stopwatch()
+        self.claim: idempotency.Claim | None = None
+        self.reservation: quota.Reservation | None = None
+        self.chain = None
+        self.messages: list[dict] = []
+        self._settled = False
+        annotate(telegram_id=command.telegram_id, message_chars=len(command.message))
 
-def _reserve(command: SendCommand, day: Day, limit: int) -> int:
-    """Take one unit of today's quota (one atomic statement, committed at once).
+    # --- before the model ---------------------------------------------------
 
-    Raises:
-        DailyLimitExceeded: nothing reserved.
-    """
-    used = quota.reserve_quota(command.telegram_id, day, limit)
-    if used is None:
-        metrics.QUOTA_REJECTIONS.inc()
-        annotate(outcome="limit_exceeded")
-        raise _limit_exceeded(Usage(limit, limit), day)
-    metrics.QUOTA_RESERVATIONS.inc()
-    return used
+    def open(self) -> Answer | None:
+        """Claim, reserve, read the context and build the prompt.
 
+        Returns the stored answer when the key was answered before (nothing
+        reserved then), else None: the unit is reserved and ``messages`` /
+        ``chain`` are ready for the model.
 
-def _save(command: SendCommand, completion, day: Day, claim_id: int | None) -> None:
-    """Store the exchange (and point the key at it); the caller commits.
-
-    Without a key it is one INSERT; with one, the INSERT and the key update
-    share a transaction, so a retry never stores the answer twice.
-    """
-    values = {
-        "telegram_id": command.telegram_id,
-        "user_id": command.user_id,
-        "message": command.message,
-        "response": completion.text,
-        "tokens_used": completion.tokens,
-        "request_date": day.today,
-        "created_at": day.now,
-    }
-    if claim_id is None:
-        db.session.execute(_INSERT, values)
-        return
-    begin_transaction()
-    row_id = db.session.execute(_INSERT_RETURNING_ID, values).scalar_one()
-    idempotency.complete_key(claim_id, row_id)
-
-
-def _personalisation(command: SendCommand) -> str | None:
-    """The request's own context, or the main server's when none was given."""
-    if command.user_context is not None:
-        return command.user_context or None
-    config = current_app.config
-    if not config["USER_CONTEXT_URL"]:
+        Raises: as ``send_message``, except the model's errors.
+        """
+        command = self.command
+        # An unknown model (422) or no model at all (503) is known before
+        # anything is claimed or reserved.
+        self.llm.route(command.model)
+        default_limit = self.config["DAILY_LIMIT"]
+        with sql.connection() as conn:
+            if command.request_id:
+                claimed = idempotency.claim_key(
+                    conn, command.telegram_id, command.request_id, command.message,
+                    self.day.now, self.claim_ttl(), default_limit, self.day.today,
+                )
+                if isinstance(claimed, idempotency.StoredAnswer):
+                    return self._replay(claimed)
+                self.claim = claimed
+            try:
+                self.reservation = quota.reserve(
+                    conn, command.telegram_id, self.day, default_limit,
+                    self.config["CONTEXT_MESSAGES"],
+                )
+            except BaseException:
+                # The statement failed: no unit taken, only the key to free.
+                self._release_key()
+                raise
+        self.watch.lap("quota")
+        if not self.reservation.granted:
+            self._release_key()
+            metrics.QUOTA_REJECTIONS.inc()
+            annotate(outcome="limit_exceeded")
+            raise self._limit_exceeded(self.reservation.usage)
+        metrics.QUOTA_RESERVATIONS.inc()
+        # From here on the unit is taken (autocommit): any failure gives it back.
+        try:
+            self.chain = self.llm.route(command.model, self.reservation.preferred_model)
+            self.messages = prompts.build_messages(
+                command.message,
+                self.reservation.context,
+                self._personalisation(),
+                self.config["CONTEXT_MAX_CHARS"],
+            )
+        except BaseException as error:
+            self.abandon(error)
+            raise
+        self.watch.lap("context")
         return None
-    text, outcome = fetch_user_context(
-        config["USER_CONTEXT_URL"],
-        command.telegram_id,
-        config["USER_CONTEXT_API_KEY"],
-        config["USER_CONTEXT_TIMEOUT"],
-    )
-    metrics.USER_CONTEXT_FETCHES.labels(outcome).inc()
-    return text
 
+    def claim_ttl(self) -> float:
+        """A claim outlives the longest request (a stream), whatever the clocks
+        of the instances say: only then is a taken-over claim really dead."""
+        longest = max(self.config["REQUEST_DEADLINE"], self.config["STREAM_MAX_SECONDS"])
+        return longest + self.config["LLM_DEADLINE"] + 30
 
-def _give_back(telegram_id: int, day: Day, claim_id: int | None, error: BaseException) -> None:
-    """Refund the unit and free the key of a request that got no answer."""
-    db.session.rollback()
-    if not isinstance(error, ApiError):
-        log.error("send failed after the reservation: %s", type(error).__name__)
+    def llm_budget(self) -> float:
+        """The model's share of the deadline: LLM_DEADLINE at most, and time
+        left for the writes after it."""
+        return self.command.deadline.budget(self.config["LLM_DEADLINE"], WRITE_RESERVE_SECONDS)
 
-    def undo():
-        if claim_id is not None:
-            begin_transaction()
-            idempotency.release_key(claim_id)
-        quota.refund_quota(telegram_id, day)
+    # --- the model and after ------------------------------------------------
 
-    annotate(outcome=getattr(error, "code", "internal_error"))
-    try:
-        _with_write_retries(undo, "refund a reserved unit")
-        metrics.QUOTA_REFUNDS.inc()
-    except OperationalError:
-        log.error("quota unit of telegram_id=%s not refunded", telegram_id)
+    def complete(self) -> Answer:
+        """Ask the model for the whole answer, then save it."""
+        try:
+            completion = self.llm.complete(self.messages, self.chain, self.llm_budget())
+        except BaseException as error:
+            self.abandon(error)
+            raise
+        self.watch.lap("llm")
+        return self.finish(completion.text, completion.tokens, completion.model)
+
+    def finish(self, text: str, tokens: int, model: str) -> Answer:
+        """Save the answer (and complete the key); the unit stays spent.
+
+        An answer whose save fails after retries is still returned: the
+        seller was charged for it and gets it; the missing row is logged.
+
+        Raises:
+            RequestInProgress: the claim was taken over while the model was
+                answering; this answer is dropped and its unit given back.
+        """
+        command = self.command
+        text = storable(text)
+        values = {
+            "telegram_id": command.telegram_id,
+            "user_id": command.user_id,
+            "message": command.message,
+            "response": text,
+            "tokens_used": tokens,
+            "request_date": self.reservation.counted_on,
+            "created_at": self.day.now,
+            "model": model,
+        }
+        try:
+            if self.claim is None:
+                saved = self._write(lambda conn: bool(conn.run(idempotency.SAVE, values)),
+                                    "save an answer")
+            else:
+                saved = self._write(
+                    lambda conn: idempotency.save_completing(conn, values, self.claim),
+                    "save an answer",
+                )
+        except DATABASE_OUTAGE:
+            log.error("answer delivered without its history row (database unavailable)")
+            saved = True
+        except Exception as error:
+            self.abandon(error)
+            raise
+        if not saved:
+            log.warning("idempotency claim taken over while answering; answer dropped")
+            self.claim = None  # not ours to release any more
+            self.abandon(RequestInProgress())
+            raise RequestInProgress()
+        self._settled = True
+        self.watch.lap("save")
+        timings = self.watch.total()
+        for phase, ms in timings.items():
+            metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
+        annotate(outcome="answered", llm_ms=round(timings.get("llm", 0.0), 1), tokens=tokens,
+                 model=model)
+        usage = self.reservation.usage
+        return Answer(text, tokens, model, usage, self.day, command.format, timings)
+
+    def abandon(self, error: BaseException) -> None:
+        """Refund the unit and free the key of a request that got no answer."""
+        if self._settled:
+            return
+        self._settled = True
+        if not isinstance(error, ApiError):
+            log.error("send failed after the reservation: %s", type(error).__name__)
+        annotate(outcome=getattr(error, "code", "internal_error"))
+        telegram_id, counted_on = self.command.telegram_id, self.reservation.counted_on
+
+        def undo(conn):
+            if self.claim is None:
+                quota.refund(conn, telegram_id, counted_on, self.day.now)
+                return
+            with sql.transaction(conn):
+                idempotency.release_key(conn, self.claim)
+                quota.refund(conn, telegram_id, counted_on, self.day.now)
+
+        try:
+            self._write(undo, "refund a reserved unit")
+            metrics.QUOTA_REFUNDS.inc()
+        except DATABASE_OUTAGE:
+            log.error("quota unit of telegram_id=%s not refunded", telegram_id)
+
+    # --- helpers ------------------------------------------------------------
+
+    def _write(self, action, what: str):
+        """Run ``action(conn)``, riding out a database blip or a busy pool
+        until the request's deadline (at least one attempt).
+
+        Used for the writes that follow an answer or a failure: the model's
+        work is done, and giving up at once would lose an answer or a refund
+        because PostgreSQL restarted or every pooled connection was busy.
+        """
+        delay = 0.05
+        while True:
+            try:
+                with sql.connection() as conn:
+                    return action(conn)
+            except DATABASE_OUTAGE:
+                if self.command.deadline.remaining() < delay:
+                    log.error("could not %s: database unavailable", what)
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _release_key(self) -> None:
+        if self.claim is not None:
+            claim, self.claim = self.claim, None
+            try:
+                self._write(lambda conn: idempotency.release_key(conn, claim), "release a key")
+            except DATABASE_OUTAGE:
+                log.error("idempotency key left claimed until it expires")
+
+    def _replay(self, stored: idempotency.StoredAnswer) -> Answer:
+        metrics.IDEMPOTENT_REPLAYS.inc()
+        annotate(outcome="replayed")
+        usage = Usage(stored.daily_limit, stored.used_today)
+        return Answer(
+            stored.response, stored.tokens_used, stored.model, usage, self.day,
+            self.command.format,
+        )
+
+    def _limit_exceeded(self, usage: Usage) -> DailyLimitExceeded:
+        headers = rate_limit_headers(usage, self.day)
+        headers["Retry-After"] = str(self.day.seconds_left)
+        return DailyLimitExceeded(
+            headers=headers,
+            daily_limit=usage.limit,
+            requests_today=usage.used,
+            requests_remaining=0,
+            reset_at=self.day.reset_at.isoformat(),
+        )
+
+    def _personalisation(self) -> str | None:
+        """The request's own context, or the main server's when none was given."""
+        command = self.command
+        if command.user_context is not None:
+            return command.user_context or None
+        config = self.config
+        if not config["USER_CONTEXT_URL"]:
+            return None
+        budget = command.deadline.budget(config["USER_CONTEXT_TIMEOUT"], WRITE_RESERVE_SECONDS)
+        text, outcome = fetch_user_context(
+            config["USER_CONTEXT_URL"], command.telegram_id, config["USER_CONTEXT_API_KEY"],
+            budget,
+        )
+        metrics.USER_CONTEXT_FETCHES.labels(outcome).inc()
+        return text

@@ -1,19 +1,24 @@
-"""The chat use cases other than sending: history, limits, reset, stats.
+"""The chat use cases other than sending: history, limits, reset, stats,
+and the user's own settings.
 
 Each function commits its own work; sending lives in ``app.chat.send``.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 
+from app import sql
 from app.chat import idempotency, quota
-from app.chat.quota import Day, Usage
+from app.chat.quota import Day
 from app.extensions import db
-from app.models import ChatRequest, begin_transaction
+from app.models import ChatRequest
+from app.render import render
+
+_DELETE_HISTORY = sql.Statement("DELETE FROM ai_chat_requests WHERE telegram_id = :telegram_id")
 
 
 def current_day() -> Day:
@@ -21,8 +26,8 @@ def current_day() -> Day:
     return Day(now=config["CLOCK"](), timezone=config["TIMEZONE"])
 
 
-def history(telegram_id: int, limit: int, offset: int) -> dict:
-    """A page of the user's exchanges, newest first."""
+def history(telegram_id: int, limit: int, offset: int, format: str) -> dict:
+    """A page of the user's exchanges, newest first, answers in ``format``."""
     by_user = ChatRequest.telegram_id == telegram_id
     total = db.session.execute(select(func.count()).where(by_user)).scalar_one()
     rows = db.session.execute(
@@ -30,58 +35,114 @@ def history(telegram_id: int, limit: int, offset: int) -> dict:
         .limit(limit).offset(offset)
     ).scalars().all()
     db.session.commit()
-    return {"items": rows, "total": total, "limit": limit, "offset": offset}
+    items = [
+        {
+            "id": row.id,
+            "message": row.message,
+            "response": render(row.response, format).text,
+            # Rows the old service wrote may have none.
+            "tokens_used": row.tokens_used or 0,
+            "model": row.model,
+            "created_at": row.created_at,
+        }
+        for row in rows
+    ]
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
 
 
 def delete_history(telegram_id: int) -> dict:
     """Forget the user's exchanges and idempotency keys; quota counters stay."""
-    begin_transaction()
-    idempotency.forget_keys(telegram_id)
-    deleted = db.session.execute(
-        delete(ChatRequest).where(ChatRequest.telegram_id == telegram_id)
-    ).rowcount
-    db.session.commit()
+    with sql.connection() as conn, sql.transaction(conn):
+        idempotency.forget_keys(conn, telegram_id)
+        deleted = conn.count(_DELETE_HISTORY, {"telegram_id": telegram_id})
     return {"telegram_id": telegram_id, "deleted": deleted}
 
 
 def limits(telegram_id: int) -> dict:
-    """Today's usage; reading it changes nothing."""
+    """Today's usage against the user's own limit; reading it changes nothing."""
     day = current_day()
-    limit = current_app.config["DAILY_LIMIT"]
-    usage = Usage(limit, quota.used_today(telegram_id, day))
-    db.session.commit()
+    usage = quota.usage_today(telegram_id, day, current_app.config["DAILY_LIMIT"])
     return {
         "telegram_id": telegram_id,
         "requests_today": usage.used,
         "requests_remaining": usage.remaining,
-        "daily_limit": limit,
+        "daily_limit": usage.limit,
         "reset_date": day.today,
     }
 
 
 def reset_limit(telegram_id: int) -> dict:
     """Zero the user's counter for today (admin)."""
-    found = quota.reset_quota(telegram_id, current_day())
-    db.session.commit()
-    if found:
+    if quota.reset_quota(telegram_id, current_day()):
         return {"success": True, "message": f"Лимит пользователя {telegram_id} успешно сброшен"}
     return {"success": False, "message": f"Пользователь {telegram_id} не найден"}
 
 
 def stats(telegram_id: int, days: int) -> dict:
-    """Answers and tokens over the last ``days`` days, today included."""
+    """Answers and tokens over the last ``days`` days, today included, in all
+    and per model (``null`` for rows written before models were recorded)."""
     since = current_day().today - timedelta(days=days - 1)
-    requests, tokens = db.session.execute(
-        select(func.count(), func.coalesce(func.sum(ChatRequest.tokens_used), 0)).where(
-            ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since
+    rows = db.session.execute(
+        select(
+            ChatRequest.model,
+            func.count(),
+            func.coalesce(func.sum(ChatRequest.tokens_used), 0),
         )
-    ).one()
+        .where(ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since)
+        .group_by(ChatRequest.model)
+        .order_by(func.count().desc())
+    ).all()
     db.session.commit()
+    requests = sum(count for _, count, _ in rows)
+    tokens = sum(int(used) for _, _, used in rows)
     return {
         "telegram_id": telegram_id,
         "days": days,
         "total_requests": requests,
-        "total_tokens": int(tokens),
+        "total_tokens": tokens,
         "avg_requests_per_day": round(requests / days, 2),
         "avg_tokens_per_request": round(tokens / requests, 2) if requests else 0,
+        "by_model": [
+            {"model": model, "requests": count, "tokens": int(used)}
+            for model, count, used in rows
+        ],
     }
+
+
+_SETTINGS = sql.Statement(
+    "SELECT preferred_model, daily_limit FROM ai_chat_user_settings "
+    "WHERE telegram_id = :telegram_id"
+)
+
+
+def user_settings(telegram_id: int) -> dict:
+    """The user's own settings (null = the default applies) and the models."""
+    rows = sql.run(_SETTINGS, {"telegram_id": telegram_id})
+    preferred_model, daily_limit = rows[0] if rows else (None, None)
+    return {
+        "telegram_id": telegram_id,
+        "preferred_model": preferred_model,
+        "daily_limit": daily_limit,
+        "models": current_app.extensions["llm"].names,
+    }
+
+
+def update_user_settings(telegram_id: int, changes: dict) -> dict:
+    """Set the fields in ``changes`` (None = back to the default); the others
+    stay as they are. One upsert: concurrent updates never collide.
+
+    Raises:
+        ValidationFailed: ``preferred_model`` is not a configured model.
+    """
+    if changes.get("preferred_model") is not None:
+        current_app.extensions["llm"].check_model(changes["preferred_model"])
+    if changes:
+        columns = ["telegram_id", *changes, "updated_at"]
+        updates = ", ".join(f"{name} = excluded.{name}" for name in columns[1:])
+        upsert = sql.Statement(
+            f"INSERT INTO ai_chat_user_settings ({', '.join(columns)}) "
+            f"VALUES ({', '.join(':' + name for name in columns)}) "
+            f"ON CONFLICT (telegram_id) DO UPDATE SET {updates}"
+        )
+        sql.run(upsert, {**changes, "telegram_id": telegram_id, "updated_at": datetime.now(UTC)})
+    return user_settings(telegram_id)

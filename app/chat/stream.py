@@ -1,0 +1,226 @@
+"""``POST /v1/chat/stream``: the send use case, delivered as Server-Sent Events.
+
+Everything decided before the model is called (403 … 429, 503) is answered
+by ``Exchange.open()`` in JSON, exactly as send answers it. Then the status
+is 200 and the answer arrives as events:
+
+    delta     {"text"}: the next piece of the model's raw text
+    snapshot  {"text", "parts"}: the answer so far in the request's format,
+              at most once per STREAM_SNAPSHOT_INTERVAL (a Telegram bot edits
+              its message from it)
+    done      send's 200 body, only after the exchange is saved
+    error     {"error", "message"}: the model failed after the stream began
+              (the unit is given back, nothing is saved)
+
+and a ``: keep-alive`` comment while nothing else is sent.
+
+The model's stream is read by a thread of its own (``Pump``) while the
+response thread waits on it with a timeout: that is how the response thread
+can write keep-alives while the model is silent, enforce the first-token
+deadline exactly, and abort the upstream call. A client that went away is
+learnt from a failed write (gunicorn then closes this generator): the
+upstream call is shut at once, so no tokens are paid for an answer nobody
+reads, and the unit is given back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import httpx2
+from flask import Response, current_app, request, stream_with_context
+
+from app import metrics
+from app.chat.send import Answer, Exchange, SendCommand, storable
+from app.deadline import WRITE_RESERVE_SECONDS, Deadline
+from app.errors import ApiError, LLMTimeout, LLMUnavailable, ServiceUnavailable
+from app.render import render
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class ClientGone(ApiError):
+    """The client closed the connection before ``done``."""
+
+    status, code, message = 499, "client_gone", "The client went away."
+
+
+def event(name: str, data: dict) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+def snapshot(text: str, fmt: str) -> bytes:
+    rendered = render(text, fmt)
+    return event("snapshot", {"text": rendered.text, "parts": rendered.parts})
+
+
+def stream_command(command: SendCommand) -> SendCommand:
+    """A stream lives up to STREAM_MAX_SECONDS: its writes at the end get
+    their retries then (the model's first token stays bound by LLM_DEADLINE)."""
+    arrived = command.deadline.arrived
+    seconds = current_app.config["STREAM_MAX_SECONDS"] + WRITE_RESERVE_SECONDS
+    return replace(command, deadline=Deadline(arrived, arrived + seconds))
+
+
+def stream_response(exchange: Exchange, replay: Answer | None) -> Response:
+    """The 200 event stream of an opened exchange (or of a replayed answer)."""
+    events = replayed(replay) if replay is not None else answered(exchange)
+    return Response(
+        stream_with_context(events),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def replayed(answer: Answer) -> Iterator[bytes]:
+    """A stored answer: one delta, one snapshot, done; no model call."""
+    yield event("delta", {"text": answer.text})
+    yield event("snapshot", {"text": answer.rendered.text, "parts": answer.rendered.parts})
+    yield event("done", answer.to_dict())
+
+
+class Pump:
+    """Reads the model's stream into a buffer, in a thread of its own."""
+
+    def __init__(self, exchange: Exchange):
+        self._llm = exchange.llm
+        self._messages, self._chain = exchange.messages, exchange.chain
+        self._budget = exchange.llm_budget()
+        self._pending: list[str] = []
+        self._ready = threading.Condition()
+        self._aborted = False
+        self.finished = False
+        self.error: ApiError | None = None
+        self.upstream = None
+        self._thread = threading.Thread(target=self._run, name="ai-chat-stream", daemon=True)
+        self._thread.start()
+
+    def take(self, timeout: float) -> tuple[str, bool]:
+        """The text that arrived since the last call, and whether the stream
+        has ended (nothing more will come), waiting up to ``timeout`` for some."""
+        with self._ready:
+            if not self._pending and not self.finished:
+                self._ready.wait(max(0.0, timeout))
+            text = "".join(self._pending)
+            self._pending.clear()
+            return text, self.finished
+
+    def abort(self) -> None:
+        """Stop reading: the upstream connection is shut (from this thread)."""
+        with self._ready:
+            self._aborted = True
+            upstream = self.upstream
+        if upstream is not None:
+            upstream.abort()
+
+    def _put(self, text: str) -> None:
+        with self._ready:
+            self._pending.append(text)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        try:
+            upstream, first = self._llm.stream(self._messages, self._chain, self._budget)
+            with self._ready:
+                self.upstream = upstream
+                aborted = self._aborted
+            if aborted:
+                upstream.abort()
+            try:
+                self._put(first)
+                for piece in upstream.pieces:
+                    self._put(piece)
+            finally:
+                upstream.close()
+        except ApiError as error:
+            self.error = error
+        except httpx2.TimeoutException:
+            log.warning("llm stream went silent for longer than OPENAI_TIMEOUT")
+            self.error = LLMTimeout()
+        except Exception as error:  # a broken stream, whatever its shape
+            if not self._aborted:
+                log.warning("llm stream broke: %s", type(error).__name__)
+            self.error = LLMUnavailable()
+        finally:
+            with self._ready:
+                self.finished = True
+                self._ready.notify()
+
+
+def answered(exchange: Exchange) -> Iterator[bytes]:
+    """Deltas and snapshots while the model writes, then done (or error)."""
+    config = current_app.config
+    fmt = exchange.command.format
+    interval = config["STREAM_SNAPSHOT_INTERVAL"]
+    keepalive = config["STREAM_KEEPALIVE_SECONDS"]
+    arrived = exchange.command.deadline.arrived
+    first_token_by = time.monotonic() + exchange.llm_budget()
+    stream_ends_by = arrived + config["STREAM_MAX_SECONDS"]
+    server = request.environ.get("ai_chat.server")
+    pump = Pump(exchange)
+    metrics.STREAMS_IN_FLIGHT.inc()
+    outcome = "error"
+    text: list[str] = []
+    try:
+        last_write = time.monotonic()
+        last_snapshot = None
+        changed = False
+        while True:
+            now = time.monotonic()
+            due = [last_write + keepalive, stream_ends_by]
+            if changed:
+                due.append(last_snapshot + interval)
+            if not text:
+                due.append(first_token_by)
+            piece, finished = pump.take(min(due) - now)
+            now = time.monotonic()
+            if piece:
+                if not text:
+                    metrics.STREAM_FIRST_TOKEN.observe(now - arrived)
+                text.append(piece)
+                changed = True
+                last_write = now
+                yield event("delta", {"text": storable(piece)})
+            if changed and (last_snapshot is None or now - last_snapshot >= interval):
+                changed, last_snapshot = False, now
+                yield snapshot("".join(text), fmt)
+            if finished:
+                break
+            if now >= stream_ends_by or (not text and now >= first_token_by):
+                raise LLMTimeout()
+            if server is not None and server.stopping_since is not None and (
+                now - server.stopping_since > config["REQUEST_DEADLINE"]
+            ):
+                raise ServiceUnavailable()
+            if now - last_write >= keepalive:
+                last_write = now
+                yield KEEPALIVE
+        if pump.error is not None:
+            raise pump.error
+        exchange.watch.lap("llm")
+        answer = exchange.finish("".join(text), pump.upstream.tokens, pump.upstream.model.name)
+        outcome = "done"
+        yield event("done", answer.to_dict())
+    except GeneratorExit:
+        outcome = "client_gone"
+        pump.abort()
+        exchange.abandon(ClientGone())
+        raise
+    except Exception as error:
+        pump.abort()
+        exchange.abandon(error)
+        if not isinstance(error, ApiError):
+            log.exception("stream failed")
+            error = ApiError()
+        yield event("error", {"error": error.code, "message": error.message})
+    finally:
+        metrics.STREAMS_IN_FLIGHT.dec()
+        metrics.STREAMS_ENDED.labels(outcome).inc()

@@ -1,0 +1,64 @@
+"""One deadline per request, counted from when the server took it in.
+
+The bot gives up after 60 s, so everything a send does fits in
+``REQUEST_DEADLINE`` from the request's arrival: the wait in gunicorn's queue,
+the personalisation fetch, the model with its retries and fallbacks, and the
+writes after the answer. Each step asks the deadline for its budget instead
+of having a timeout of its own that could add up past it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from flask import request
+
+from app.errors import ServiceUnavailable
+
+# Left for the writes after an answer (save, or refund) when the model's
+# budget is cut from what remains: a few retries over a database blip.
+WRITE_RESERVE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Deadline:
+    arrived: float  # time.monotonic() when the server queued the request
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float, arrived: float | None = None) -> Deadline:
+        arrived = time.monotonic() if arrived is None else arrived
+        return cls(arrived=arrived, at=arrived + seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    def budget(self, cap: float, reserve: float = 0.0) -> float:
+        """Seconds a step may take: at most ``cap``, and never past the
+        deadline less ``reserve`` for what must still follow it."""
+        return max(0.0, min(cap, self.remaining() - reserve))
+
+    def expired(self) -> bool:
+        return self.remaining() <= 0
+
+
+def request_deadline(seconds: float) -> Deadline:
+    """The current request's deadline, from the time gunicorn queued it
+    (app.worker) or, outside gunicorn, from now."""
+    return Deadline.after(seconds, request.environ.get("ai_chat.queued_at"))
+
+
+def admit(deadline: Deadline, queue_timeout: float, retry_after: int) -> None:
+    """Refuse a send before anything is reserved when it cannot be served well.
+
+    Raises:
+        ServiceUnavailable: the worker is stopping (SIGTERM), or the request
+            waited in the queue longer than ``queue_timeout`` (0 = no limit).
+    """
+    server = request.environ.get("ai_chat.server")
+    if server is not None and server.stopping_since is not None:
+        raise ServiceUnavailable(headers={"Retry-After": str(retry_after)})
+    waited = time.monotonic() - deadline.arrived
+    if queue_timeout and waited > queue_timeout:
+        raise ServiceUnavailable(headers={"Retry-After": str(retry_after)})

@@ -1,0 +1,238 @@
+"""Providers and models, and one model's call with its retries.
+
+One ``OpenAI`` client per provider, built once per process, with an explicit
+per-attempt timeout and the SDK's own retries off, so ``backoff`` is the only
+retry layer. Only transient failures (connection errors, timeouts, 429, 5xx)
+are retried, and every attempt and sleep stays inside the budget the caller
+gives (the request's deadline, app.deadline).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import backoff
+import httpx2
+import openai
+
+from app.llm.breaker import Breaker
+
+log = logging.getLogger("app.llm")
+
+# APITimeoutError is a subclass of APIConnectionError.
+TRANSIENT = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+
+
+class Unusable(Exception):
+    """The provider answered 200 with something that is not an answer."""
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    temperature: float
+    max_tokens: int
+    timeout: float  # one attempt (and, when streaming, one silence)
+    max_retries: int
+    retry_base_delay: float
+
+    @classmethod
+    def from_config(cls, config) -> CallSettings:
+        return cls(
+            temperature=config["OPENAI_TEMPERATURE"],
+            max_tokens=config["OPENAI_MAX_TOKENS"],
+            timeout=config["OPENAI_TIMEOUT"],
+            max_retries=config["OPENAI_MAX_RETRIES"],
+            retry_base_delay=config["OPENAI_RETRY_BASE_DELAY"],
+        )
+
+
+class Provider:
+    """An OpenAI-compatible endpoint: its client and its circuit breaker."""
+
+    def __init__(self, name: str, settings: dict, timeout: float, breaker: Breaker):
+        self.name = name
+        self.base_url = settings["base_url"] or "https://api.openai.com/v1"
+        self.configured = settings["configured"]
+        self.breaker = breaker
+        self.client = None
+        if self.configured:
+            self.client = openai.OpenAI(
+                # Local servers (vLLM, Ollama, llama.cpp) take any key.
+                api_key=settings["api_key"] or "not-needed",
+                base_url=settings["base_url"],
+                timeout=timeout,
+                max_retries=0,
+            )
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    provider: Provider
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: int
+    model: str
+
+
+def with_retries(settings: CallSettings, budget: float, attempt):
+    """``attempt(timeout)`` retried on transient errors within ``budget`` s."""
+    started = time.monotonic()
+
+    def timed_attempt():
+        remaining = budget - (time.monotonic() - started)
+        if remaining <= 0.05:
+            raise openai.APITimeoutError(request=None)
+        return attempt(min(settings.timeout, remaining))
+
+    return backoff.on_exception(
+        backoff.expo,
+        TRANSIENT,
+        max_tries=settings.max_retries + 1,
+        max_time=budget,
+        jitter=backoff.full_jitter,
+        factor=settings.retry_base_delay,
+        max_value=4,
+        on_backoff=_log_retry,
+        logger=None,
+    )(timed_attempt)()
+
+
+def complete(model: Model, messages: list[dict], settings: CallSettings, budget: float):
+    """The model's whole answer, retried within ``budget``.
+
+    Raises the ``openai`` errors of the last attempt, or Unusable.
+    """
+
+    def attempt(timeout: float) -> Completion:
+        response = model.provider.client.chat.completions.create(
+            model=model.name,
+            messages=messages,
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            timeout=timeout,
+        )
+        text = response.choices[0].message.content if response.choices else None
+        if not text or not text.strip():
+            raise Unusable("empty answer")
+        tokens = response.usage.total_tokens if response.usage else 0
+        return Completion(text=text, tokens=tokens or 0, model=model.name)
+
+    try:
+        return with_retries(settings, budget, attempt)
+    except (ValueError, TypeError, AttributeError) as error:
+        # A 200 whose body is not a chat completion (an HTML error page…).
+        raise Unusable(type(error).__name__) from None
+
+
+class Upstream:
+    """One streamed chat completion, read as text pieces.
+
+    ``pieces`` yields the content deltas (one iterator for the whole stream);
+    ``tokens`` holds the usage the provider reported (0 when it sent none:
+    never a guess). ``abort()`` may be called from any thread: it shuts the
+    connection down, so a read blocked on a silent provider returns at once.
+    """
+
+    def __init__(self, model: Model, context, response):
+        self.model = model
+        self._context = context  # the SDK's streaming-response context manager
+        self._response = response
+        self.tokens = 0
+        self.aborted = False
+        self._lock = threading.Lock()
+        self.pieces = self._read(response.iter_lines())
+
+    def _read(self, lines) -> Iterator[str]:
+        for line in lines:
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            chunk = json.loads(data)
+            usage = chunk.get("usage")
+            if usage:
+                self.tokens = usage.get("total_tokens") or 0
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    yield text
+
+    def abort(self) -> None:
+        with self._lock:
+            if self.aborted:
+                return
+            self.aborted = True
+        stream = self._response.http_response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+
+
+def open_stream(model: Model, messages: list[dict], settings: CallSettings, budget: float):
+    """Start a streamed answer and wait for its first piece, retried within
+    ``budget`` (nothing has reached the client before the first piece, so a
+    retry is invisible). Returns (Upstream, first piece).
+
+    Raises the ``openai`` errors of the last attempt, or Unusable.
+    """
+
+    def attempt(timeout: float):
+        context = model.provider.client.chat.completions.with_streaming_response.create(
+            model=model.name,
+            messages=messages,
+            temperature=settings.temperature,
+            max_tokens=settings.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            # Bounds the connect and every read: the wait for the first piece
+            # here, each silence between pieces after it.
+            timeout=timeout,
+        )
+        upstream = Upstream(model, context, context.__enter__())
+        try:
+            first = next(upstream.pieces, None)
+        except httpx2.TimeoutException:
+            upstream.close()
+            raise openai.APITimeoutError(request=None) from None
+        except (httpx2.HTTPError, OSError) as error:
+            upstream.close()
+            raise openai.APIConnectionError(request=None) from error
+        except ValueError:
+            upstream.close()
+            raise Unusable("not an event stream") from None
+        if first is None:
+            upstream.close()
+            raise Unusable("stream without content")
+        return upstream, first
+
+    return with_retries(settings, budget, attempt)
+
+
+def _log_retry(details) -> None:
+    log.info(
+        "llm attempt %d failed (%s), retrying in %.2fs",
+        details["tries"],
+        type(details.get("exception")).__name__,
+        details["wait"],
+    )
