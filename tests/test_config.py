@@ -220,3 +220,86 @@ def test_without_llm_readiness_reports_llm_not_configured(make_app):
     body = response.get_json()
     assert body["checks"]["database"] == "ok"
     assert body["checks"]["llm"] == "not_configured"
+
+
+# --- v1.1: placeholders, pools, the .env file, one warning --------------------------
+
+
+@pytest.mark.parametrize("variable", ["API_SECRET_KEY", "ADMIN_API_KEY"])
+@pytest.mark.parametrize("placeholder", ["change-me", "CHANGEME", "your-secret-key"])
+def test_a_placeholder_key_stops_start_up_with_one_line(sqlite_url, variable, placeholder):
+    env = {"API_SECRET_KEY": "real-key", "DATABASE_URL": sqlite_url, variable: placeholder}
+
+    with pytest.raises(SystemExit) as stopped:
+        create_app(env)
+
+    message = str(stopped.value)
+    assert variable in message and placeholder in message
+    assert "\n" not in message
+
+
+def test_the_env_example_does_not_start_as_it_is(tmp_path):
+    """.env.example ships an active placeholder: copied as the quick start says,
+    the service refuses it in one line instead of running with a public key."""
+    env = {**os.environ, "AI_CHAT_ENV_FILE": str(ROOT / ".env.example"),
+           "FLASK_SKIP_DOTENV": "1", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+    env.pop("API_SECRET_KEY", None)
+
+    result = subprocess.run(
+        [str(VENV_BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+    assert result.returncode != 0
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert "API_SECRET_KEY" in result.stderr and "change-me" in result.stderr
+
+
+def test_the_env_file_is_the_one_ai_chat_env_file_names(tmp_path, monkeypatch):
+    dotenv = tmp_path / "custom.env"
+    dotenv.write_text(f"API_SECRET_KEY=from-file\nDATABASE_URL=sqlite:///{tmp_path}/f.db\n")
+    monkeypatch.delenv("API_SECRET_KEY", raising=False)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("AI_CHAT_ENV_FILE", str(dotenv))
+
+    app = create_app()
+
+    assert app.config["API_KEYS"] == ("from-file",)
+
+
+def test_default_pool_keeps_two_instances_under_postgres_max_connections(default_app):
+    options = create_app(
+        {"API_SECRET_KEY": "k", "DATABASE_URL": "postgresql://u@db/x"}
+    ).config["SQLALCHEMY_ENGINE_OPTIONS"]
+    per_worker = options["pool_size"] + options["max_overflow"]
+    workers = 2
+    assert 2 * workers * per_worker < 100
+    # A thread waits for a connection rather than failing at once.
+    assert options["pool_timeout"] >= 1
+    # No session settings: PgBouncer's transaction pooling refuses them.
+    assert "options" not in options["connect_args"]
+
+
+def test_default_threads_hold_a_thousand_concurrent_chats_on_two_workers(bare_environment):
+    from app.config import server_settings
+
+    settings = server_settings({})
+    assert settings["workers"] * settings["threads"] >= 1000
+
+
+def test_sqlite_pool_fits_every_thread(sqlite_url):
+    app = create_app({"API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url,
+                      "GUNICORN_THREADS": "250"})
+
+    options = app.config["SQLALCHEMY_ENGINE_OPTIONS"]
+    assert options["pool_size"] + options["max_overflow"] >= 250
+
+
+def test_error_mapping_does_not_import_the_metrics_module():
+    """app.errors → app.metrics → app.extensions → app.api → app.errors was a cycle."""
+    result = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, app.errors; print('app.metrics' in sys.modules)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert result.stdout.strip() == "False"

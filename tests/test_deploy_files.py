@@ -391,6 +391,11 @@ def test_boot_sh_runs_the_migrations_before_serving(booted, tmp_path):
     assert "alembic_version" not in tables
 
 
+def test_boot_sh_says_once_that_the_llm_is_not_configured(booted):
+    # boot_env sets no LLM: the migrations step stays quiet, the server says it.
+    assert booted.log().count("LLM not configured") == 1, booted.log()
+
+
 def test_boot_sh_becomes_gunicorn_and_stops_cleanly_on_sigterm(booted):
     process = booted.process
     command_line = Path(f"/proc/{process.pid}/cmdline").read_bytes().split(b"\0")

@@ -606,6 +606,8 @@ def test_ready_is_ok_with_the_database(client):
 
 OPERATIONS = [
     ("/v1/chat/send", "post", True),
+    ("/v1/chat/users/{telegram_id}/settings", "get", True),
+    ("/v1/chat/users/{telegram_id}/settings", "put", True),
     ("/v1/chat/history", "post", True),
     ("/v1/chat/history/{telegram_id}", "delete", True),
     ("/v1/chat/limits/{telegram_id}", "get", True),
@@ -659,11 +661,31 @@ def test_openapi_declares_the_api_key_scheme(spec):
     ]
 
 
+def test_openapi_documents_the_stream_as_server_sent_events(spec):
+    operation = spec["paths"]["/v1/chat/stream"]["post"]
+
+    assert "text/event-stream" in operation["responses"]["200"]["content"]
+    assert {"403", "409", "422", "429", "503"} <= set(operation["responses"])
+
+
 def test_docs_serve_swagger_ui(client):
     response = client.get("/docs")
 
     assert response.status_code == 200
     assert response.mimetype == "text/html"
+
+
+def test_docs_load_swagger_ui_from_the_service_itself_not_a_cdn(client):
+    page = client.get("/docs").get_data(as_text=True)
+
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert sources, page
+    assert not [source for source in sources if "://" in source or source.startswith("//")]
+    for source in sources:
+        with client.get(source) as asset:
+            assert asset.status_code == 200, source
+            assert len(asset.get_data()) > 1000, source
+    assert "swagger-ui-bundle.js" in " ".join(sources)
 
 
 # --- unknown paths and methods --------------------------------------------------

@@ -434,3 +434,25 @@ def test_text_format_gives_a_human_line_with_the_request_fields(make_api, capsys
     assert not line.lstrip().startswith("{")
     for expected in ("INFO", "POST", SEND, "200", "abc-123", "answered"):
         assert expected in line, f"{expected!r} missing from {line!r}"
+
+
+def test_junk_methods_and_paths_fold_into_fixed_label_values(make_app):
+    client = make_app().test_client()
+    junk = [f"ZZZ{chr(65 + n)}" for n in range(15)]
+    for method in junk:
+        client.open("/x", method=method)
+        client.open(f"/nowhere/{method}", method=method)
+        client.open("/v1/chat/send", method=method)
+
+    families = text_string_to_metric_families(client.get("/metrics").get_data(as_text=True))
+    labels = {
+        (sample.labels["endpoint"], sample.labels["method"])
+        for family in families
+        if family.name == "ai_chat_http_requests"
+        for sample in family.samples
+    }
+    methods = {method for _, method in labels}
+    assert not methods & set(junk)
+    assert "other" in methods
+    # 45 junk requests, one series: no route matches a method it does not allow.
+    assert {endpoint for endpoint, method in labels if method == "other"} == {"unmatched"}
