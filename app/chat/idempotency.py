@@ -49,7 +49,12 @@ _RELEASE = Statement(
     "DELETE FROM ai_chat_idempotency_keys "
     "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
 )
-_FORGET = Statement("DELETE FROM ai_chat_idempotency_keys WHERE telegram_id = :telegram_id")
+# Answered keys only: a claim still in flight belongs to a request that will
+# store a new exchange (after the deletion) and must be able to complete it.
+_FORGET = Statement(
+    "DELETE FROM ai_chat_idempotency_keys "
+    "WHERE telegram_id = :telegram_id AND chat_request_id IS NOT NULL"
+)
 
 _INSERT_EXCHANGE = """
     INSERT INTO ai_chat_requests
@@ -171,5 +176,5 @@ def release_key(conn: Connection, claim: Claim) -> None:
 
 
 def forget_keys(conn: Connection, telegram_id: int) -> None:
-    """Drop every key of the user (their history is being deleted)."""
+    """Drop the user's answered keys (their history is being deleted)."""
     conn.run(_FORGET, {"telegram_id": telegram_id})

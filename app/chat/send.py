@@ -264,6 +264,7 @@ class Exchange:
             self.abandon(RequestInProgress())
             raise RequestInProgress()
         self._settled = True
+        self.llm.count_tokens(model, tokens)
         self.watch.lap("save")
         timings = self.watch.total()
         for phase, ms in timings.items():

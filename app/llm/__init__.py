@@ -104,13 +104,9 @@ class LLM:
             LLMUnavailable: every model failed or was skipped, or one answered
                 a 4xx other than 429.
         """
-        answer = self._walk(chain, budget, lambda model, share: complete(
+        return self._walk(chain, budget, lambda model, share: complete(
             model, messages, self.settings, share
         ))
-        metrics.LLM_TOKENS.labels(answer.model, self.models[answer.model].provider.name).inc(
-            answer.tokens
-        )
-        return answer
 
     def stream(self, messages: list[dict], chain: list[Model], budget: float):
         """Start a streamed answer: the first model of the chain to give a
@@ -182,6 +178,10 @@ class LLM:
             metrics.LLM_BREAKER_OPENED.labels(provider.name).inc()
             log.warning("llm provider %s: circuit opened", provider.name)
         return "timeout" if isinstance(error, openai.APITimeoutError) else "unavailable"
+
+    def count_tokens(self, model: str, tokens: int) -> None:
+        """Tokens of an answer given (streamed or not), by model and provider."""
+        metrics.LLM_TOKENS.labels(model, self.models[model].provider.name).inc(tokens)
 
     def ping(self, provider: Provider, timeout: float) -> str:
         """``GET {base_url}/models`` once, for operators' checks.
