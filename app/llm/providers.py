@@ -160,9 +160,8 @@ class Upstream:
     connection down, so a read blocked on a silent provider returns at once.
     """
 
-    def __init__(self, model: Model, context, response):
+    def __init__(self, model: Model, response: httpx2.Response):
         self.model = model
-        self._context = context  # the SDK's streaming-response context manager
         self._response = response
         self.tokens = 0
         self.aborted = False
@@ -190,7 +189,7 @@ class Upstream:
             if self.aborted:
                 return
             self.aborted = True
-        stream = self._response.http_response.extensions.get("network_stream")
+        stream = self._response.extensions.get("network_stream")
         sock = stream.get_extra_info("socket") if stream is not None else None
         if sock is not None:
             try:
@@ -199,39 +198,43 @@ class Upstream:
                 pass
 
     def close(self) -> None:
-        self._context.__exit__(None, None, None)
+        self._response.close()
 
 
 def open_stream(model: Model, messages: list[dict], settings: CallSettings, budget: float):
     """Start a streamed answer and wait for its first piece, retried within
     ``budget`` (nothing has reached the client before the first piece, so a
-    retry is invisible). Returns (Upstream, first piece).
+    retry is invisible). Sent with the SDK's low-level ``post``, as
+    ``complete``. Returns (Upstream, first piece).
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
+    body = {
+        "model": model.name,
+        "messages": messages,
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
     def attempt(timeout: float):
-        context = model.provider.client.chat.completions.with_streaming_response.create(
-            model=model.name,
-            messages=messages,
-            temperature=settings.temperature,
-            max_tokens=settings.max_tokens,
-            stream=True,
-            stream_options={"include_usage": True},
-            # Bounds the connect and every read: the wait for the first piece
-            # here, each silence between pieces after it.
-            timeout=timeout,
+        # The timeout bounds the connect and every read: the wait for the first
+        # piece here, each silence between pieces after it.
+        response = model.provider.client.post(
+            "/chat/completions", cast_to=httpx2.Response, body=body, stream=True,
+            options={"timeout": timeout},
         )
-        upstream = Upstream(model, context, context.__enter__())
+        upstream = Upstream(model, response)
         try:
             first = next(upstream.pieces, None)
         except httpx2.TimeoutException:
             upstream.close()
-            raise openai.APITimeoutError(request=None) from None
+            raise openai.APITimeoutError(request=response.request) from None
         except (httpx2.HTTPError, OSError) as error:
             upstream.close()
-            raise openai.APIConnectionError(request=None) from error
-        except ValueError:
+            raise openai.APIConnectionError(request=response.request) from error
+        except (ValueError, TypeError, AttributeError):
             upstream.close()
             raise Unusable("not an event stream") from None
         if first is None:
