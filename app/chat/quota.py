@@ -69,6 +69,9 @@ _RESERVE_PG = Statement(
            CASE WHEN r.request_count IS NULL THEN
                (SELECT request_count FROM ai_chat_daily_limits
                 WHERE telegram_id = :telegram_id) END,
+           CASE WHEN r.request_count IS NULL THEN
+               (SELECT last_reset_date FROM ai_chat_daily_limits
+                WHERE telegram_id = :telegram_id) END,
            c.message, c.response
     FROM quota AS q
     LEFT JOIN reserved AS r ON TRUE
@@ -91,8 +94,8 @@ _RESERVE_SQLITE = Statement(
     """
 )
 _REFUSED_SQLITE = Statement(
-    f"SELECT {USER_LIMIT_SQL}, (SELECT request_count FROM ai_chat_daily_limits "
-    "WHERE telegram_id = :telegram_id)"
+    f"SELECT {USER_LIMIT_SQL}, request_count, last_reset_date FROM ai_chat_daily_limits "
+    "WHERE telegram_id = :telegram_id"
 )
 _RECENT = Statement(
     "SELECT message, response FROM ai_chat_requests "
@@ -125,21 +128,30 @@ _USAGE = Statement(
     f"""
     SELECT {USER_LIMIT_SQL},
         (SELECT request_count FROM ai_chat_daily_limits
-         WHERE telegram_id = :telegram_id AND last_reset_date >= :today)
+         WHERE telegram_id = :telegram_id AND last_reset_date >= :today),
+        (SELECT last_reset_date FROM ai_chat_daily_limits WHERE telegram_id = :telegram_id)
     """
 )
 
 
 @dataclass(frozen=True)
 class Day:
-    """The quota day that contains ``now`` in the service time zone."""
+    """The quota day that contains ``now`` in the service time zone, or a
+    later one (``floor``): the day a user's counter is already on when this
+    instance's clock is behind."""
 
     now: datetime
     timezone: ZoneInfo
+    floor: date | None = None
 
     @property
     def today(self) -> date:
-        return self.now.astimezone(self.timezone).date()
+        local = self.now.astimezone(self.timezone).date()
+        return max(local, self.floor) if self.floor else local
+
+    def at_least(self, day: date | None) -> Day:
+        """This day, or ``day`` when that is later (never earlier)."""
+        return Day(self.now, self.timezone, day) if day and day > self.today else self
 
     @property
     def reset_at(self) -> datetime:
@@ -170,9 +182,15 @@ class Usage:
 
 @dataclass(frozen=True)
 class Reservation:
-    """The outcome of ``reserve``: granted when ``counted_on`` is set."""
+    """The outcome of ``reserve``: granted when ``counted_on`` is set.
+
+    ``day`` is the quota day the user's counter is on after the statement
+    (the request's own day, or a later one): the day to report (reset time,
+    RateLimit headers) and, when granted, the day to refund on.
+    """
 
     usage: Usage
+    day: Day
     counted_on: date | None
     preferred_model: str | None = None
     context: list[tuple[str, str]] = field(default_factory=list)
@@ -199,18 +217,24 @@ def reserve(
     }
     if conn.dialect_name == "postgresql":
         rows = conn.run(_RESERVE_PG, params)
-        count, counted_on, limit, preferred, refused_count = rows[0][:5]
-        exchanges = [(row[5], row[6]) for row in reversed(rows) if row[5] is not None]
+        count, counted_on, limit, preferred, refused_count, refused_on = rows[0][:6]
+        exchanges = [(row[6], row[7]) for row in reversed(rows) if row[6] is not None]
         if count is None:
-            return Reservation(Usage(limit, refused_count or 0), None, preferred)
-        return Reservation(Usage(limit, count), counted_on, preferred, exchanges)
+            usage = Usage(limit, refused_count or 0)
+            return Reservation(usage, day.at_least(refused_on), None, preferred)
+        return Reservation(
+            Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges
+        )
     rows = conn.run(_RESERVE_SQLITE, params)
     if not rows:
-        limit, refused_count = conn.run(_REFUSED_SQLITE, params)[0]
-        return Reservation(Usage(limit, refused_count or 0), None)
+        limit, refused_count, refused_on = conn.run(_REFUSED_SQLITE, params)[0]
+        return Reservation(Usage(limit, refused_count), day.at_least(as_date(refused_on)), None)
     count, counted_on, limit, preferred = rows[0]
+    counted_on = as_date(counted_on)
     exchanges = conn.run(_RECENT, params) if context > 0 else []
-    return Reservation(Usage(limit, count), as_date(counted_on), preferred, exchanges[::-1])
+    return Reservation(
+        Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges[::-1]
+    )
 
 
 def refund(conn: Connection, telegram_id: int, counted_on: date, now: datetime) -> None:
@@ -224,10 +248,11 @@ def reset_quota(telegram_id: int, day: Day) -> bool:
     return bool(rows)
 
 
-def usage_today(telegram_id: int, day: Day, default_limit: int) -> Usage:
-    """The user's limit and answers counted today (a stale or missing row is 0)."""
-    limit, used = run(
+def usage_today(telegram_id: int, day: Day, default_limit: int) -> tuple[Usage, Day]:
+    """The user's limit and answers counted today (a stale or missing row is 0),
+    and the quota day they belong to (``day``, or the counter's later one)."""
+    limit, used, counter_day = run(
         _USAGE,
         {"telegram_id": telegram_id, "today": day.today, "default_limit": default_limit},
     )[0]
-    return Usage(limit, used or 0)
+    return Usage(limit, used or 0), day.at_least(as_date(counter_day))

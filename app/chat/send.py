@@ -177,6 +177,8 @@ class Exchange:
                 self._release_key()
                 raise
         self.watch.lap("quota")
+        # The counter's day, when this instance's clock is behind it.
+        self.day = self.reservation.day
         if not self.reservation.granted:
             self._release_key()
             metrics.QUOTA_REJECTIONS.inc()

@@ -60,8 +60,7 @@ def delete_history(telegram_id: int) -> dict:
 
 def limits(telegram_id: int) -> dict:
     """Today's usage against the user's own limit; reading it changes nothing."""
-    day = current_day()
-    usage = quota.usage_today(telegram_id, day, current_app.config["DAILY_LIMIT"])
+    usage, day = quota.usage_today(telegram_id, current_day(), current_app.config["DAILY_LIMIT"])
     return {
         "telegram_id": telegram_id,
         "requests_today": usage.used,
