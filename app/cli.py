@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.chat import service
-from app.chat.schemas import MAX_BIGINT
+from app.chat.schemas import MAX_BIGINT, MAX_INTEGER
 from app.errors import ValidationFailed
 from app.extensions import db
 from app.models import MIGRATION_VERSION_TABLE, UTCDateTime, begin_transaction, ping_database
@@ -168,10 +168,12 @@ def set_limit(telegram_id: int, limit: str) -> None:
     """Give the user their own daily limit: N (0 = unlimited) or "default"."""
     if limit == "default":
         value = None
-    elif limit.isdigit():
+    elif limit.isascii() and limit.isdigit() and int(limit) <= MAX_INTEGER:
         value = int(limit)
     else:
-        raise click.BadParameter("an integer >= 0 or 'default'", param_hint="LIMIT")
+        raise click.BadParameter(
+            f"an integer from 0 to {MAX_INTEGER}, or 'default'", param_hint="LIMIT"
+        )
     _update_settings(telegram_id, {"daily_limit": value})
 
 

@@ -183,6 +183,8 @@ def llm_settings(env: Mapping) -> dict:
             )
         if name == "openai":
             raise ConfigError("LLM_PROVIDERS: 'openai' is built in (OPENAI_BASE_URL)")
+        if name in providers:
+            raise ConfigError(f"LLM_PROVIDERS: provider {name!r} is listed twice")
         key_name = f"LLM_PROVIDER_{name.upper().replace('-', '_')}_API_KEY"
         providers[name] = {
             "base_url": base_url, "api_key": env_text(env, key_name), "configured": True,
@@ -212,6 +214,8 @@ def llm_settings(env: Mapping) -> dict:
             f"({', '.join(models)})"
         )
     fallbacks = _names(env, "LLM_FALLBACK_MODELS")
+    if len(set(fallbacks)) != len(fallbacks):
+        raise ConfigError("LLM_FALLBACK_MODELS: a model is listed twice")
     for model in fallbacks:
         if model not in models:
             raise ConfigError(

@@ -107,7 +107,7 @@ class ServiceUnavailable(ApiError):
     request waited in the queue too long to be answered in time."""
 
     status, code = 503, "service_unavailable"
-    message = "Сервис перегружен или перезапускается. Повторите запрос через минуту."
+    message = "Сервис перегружен или перезапускается. Повторите запрос через несколько секунд."
 
 
 # Werkzeug's own HTTP errors, named the contract's way.

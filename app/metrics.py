@@ -103,7 +103,8 @@ def _registry():
 
 def metrics_view() -> Response:
     """Prometheus text exposition of every metric above."""
-    return Response(generate_latest(_registry()), mimetype=CONTENT_TYPE_LATEST)
+    # content_type, not mimetype: Flask would add a second "; charset=utf-8".
+    return Response(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
 
 
 # Label values come from a fixed set only: a client can send any method and
@@ -147,7 +148,7 @@ def init_app(app: Flask) -> None:
         rule=next(app.url_map.iter_rules("metrics")),
         operations={
             "get": {
-                "tags": ["Probes"],
+                "tags": ["health"],
                 "summary": "Prometheus metrics of every worker (text exposition format)",
                 "responses": {
                     "200": {

@@ -9,6 +9,7 @@ minutes), and instances that boot together take turns on an advisory lock.
 """
 
 import logging
+import time
 from logging.config import fileConfig
 
 from alembic import context
@@ -45,6 +46,24 @@ def migration_engine():
     if url.get_backend_name() == "postgresql":
         connect_args = {"connect_timeout": 10, "application_name": "ai_chat_migrations"}
     return create_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+
+
+def take_turn(connection) -> None:
+    """Wait for the migration lock, as long as it takes, holding no snapshot.
+
+    A blocking ``pg_advisory_lock`` would wait inside a statement, i.e. with a
+    snapshot open, and the holder's ``CREATE INDEX CONCURRENTLY`` waits for
+    every older snapshot: the two would deadlock. So: try, end the
+    transaction, sleep, try again.
+    """
+    try_lock = text("SELECT pg_try_advisory_lock(:id)")
+    while True:
+        taken = connection.execute(try_lock, {"id": MIGRATION_LOCK_ID}).scalar()
+        connection.commit()
+        if taken:
+            return
+        logger.info("another instance is migrating; waiting for it")
+        time.sleep(0.5)
 
 
 def unreachable(error: OperationalError) -> SystemExit:
@@ -86,8 +105,7 @@ def run_migrations_online():
     with connection:
         postgresql = connection.dialect.name == "postgresql"
         if postgresql:
-            connection.execute(text("SELECT pg_advisory_lock(:id)"), {"id": MIGRATION_LOCK_ID})
-            connection.commit()
+            take_turn(connection)
         try:
             context.configure(
                 connection=connection,

@@ -186,14 +186,15 @@ class Reservation:
 
     ``day`` is the quota day the user's counter is on after the statement
     (the request's own day, or a later one): the day to report (reset time,
-    RateLimit headers) and, when granted, the day to refund on.
+    RateLimit headers) and, when granted, the day to refund on. ``context``
+    is None when it still has to be read (SQLite, ``recent_exchanges``).
     """
 
     usage: Usage
     day: Day
     counted_on: date | None
     preferred_model: str | None = None
-    context: list[tuple[str, str]] = field(default_factory=list)
+    context: list[tuple[str, str]] | None = field(default_factory=list)
 
     @property
     def granted(self) -> bool:
@@ -206,7 +207,7 @@ def reserve(
     """Take one unit of the user's quota in one statement (committed at once).
 
     Also returns the user's preferred model and, when granted, their last
-    ``context`` exchanges oldest first (same round trip on PostgreSQL).
+    ``context`` exchanges oldest first (same round trip; on PostgreSQL only).
     """
     params = {
         "telegram_id": telegram_id,
@@ -220,21 +221,39 @@ def reserve(
         count, counted_on, limit, preferred, refused_count, refused_on = rows[0][:6]
         exchanges = [(row[6], row[7]) for row in reversed(rows) if row[6] is not None]
         if count is None:
-            usage = Usage(limit, refused_count or 0)
-            return Reservation(usage, day.at_least(refused_on), None, preferred)
+            return Reservation(
+                _refused(limit, refused_count), day.at_least(refused_on), None, preferred
+            )
         return Reservation(
             Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges
         )
     rows = conn.run(_RESERVE_SQLITE, params)
     if not rows:
         limit, refused_count, refused_on = conn.run(_REFUSED_SQLITE, params)[0]
-        return Reservation(Usage(limit, refused_count), day.at_least(as_date(refused_on)), None)
+        return Reservation(
+            _refused(limit, refused_count), day.at_least(as_date(refused_on)), None
+        )
     count, counted_on, limit, preferred = rows[0]
     counted_on = as_date(counted_on)
-    exchanges = conn.run(_RECENT, params) if context > 0 else []
-    return Reservation(
-        Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges[::-1]
-    )
+    # The context is read by the caller (``recent_exchanges``), after the unit
+    # is safely taken: a failure there must give the unit back.
+    return Reservation(Usage(limit, count), day.at_least(counted_on), counted_on, preferred, None)
+
+
+def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tuple[str, str]]:
+    """The user's last ``count`` exchanges, oldest first (SQLite's second statement)."""
+    if count <= 0:
+        return []
+    rows = conn.run(_RECENT, {"telegram_id": telegram_id, "context": count})
+    return [(message, response) for message, response in reversed(rows)]
+
+
+def _refused(limit: int, count: int | None) -> Usage:
+    """The usage behind a refusal. The count comes from the statement's
+    snapshot, taken before it waited for the row lock, while the refusal was
+    decided on the count committed since: never report less than the limit
+    that refused."""
+    return Usage(limit, max(count or 0, limit))
 
 
 def refund(conn: Connection, telegram_id: int, counted_on: date, now: datetime) -> None:

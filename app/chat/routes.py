@@ -38,7 +38,8 @@ def _errors(*statuses):
         documented = view
         for status in (403, *statuses):
             documented = blp.alt_response(
-                status, schema=ErrorSchema, description=_DESCRIPTIONS[status]
+                status, schema=ErrorSchema, description=_DESCRIPTIONS[status],
+                headers=_ERROR_HEADERS.get(status),
             )(documented)
         view._apidoc = blp.doc(security=[{"ApiKey": []}])(documented)._apidoc
         return view
@@ -57,6 +58,17 @@ _DESCRIPTIONS = {
     503: "LLM not configured, database unavailable, or the service is restarting / "
          "overloaded (service_unavailable, nothing reserved)",
     504: "LLM timed out",
+}
+
+_RETRY_AFTER = {
+    "Retry-After": {"description": "Seconds to wait before retrying",
+                    "schema": {"type": "integer"}},
+}
+_ERROR_HEADERS = {
+    429: {**_RETRY_AFTER, **{name: RATE_LIMIT_HEADERS[name]
+                             for name in ("RateLimit-Policy", "RateLimit")}},
+    503: {"Retry-After": {"description": "On service_unavailable: seconds to wait",
+                          "schema": {"type": "integer"}}},
 }
 
 # Seconds a client should wait before retrying a send refused with 503

@@ -154,9 +154,6 @@ class Exchange:
         Raises: as ``send_message``, except the model's errors.
         """
         command = self.command
-        # An unknown model (422) or no model at all (503) is known before
-        # anything is claimed or reserved.
-        self.llm.route(command.model)
         default_limit = self.config["DAILY_LIMIT"]
         with sql.connection() as conn:
             if command.request_id:
@@ -165,15 +162,19 @@ class Exchange:
                     self.day.now, self.claim_ttl(), default_limit, self.day.today,
                 )
                 if isinstance(claimed, idempotency.StoredAnswer):
-                    return self._replay(claimed)
+                    return self._replay(claimed)  # whatever the models are now
                 self.claim = claimed
             try:
+                # An unknown model (422) or no model at all (503) is known
+                # before anything is reserved.
+                self.llm.route(command.model)
                 self.reservation = quota.reserve(
                     conn, command.telegram_id, self.day, default_limit,
                     self.config["CONTEXT_MESSAGES"],
                 )
             except BaseException:
-                # The statement failed: no unit taken, only the key to free.
+                # Nothing reserved (refused, or the statement failed): only the
+                # key to free.
                 self._release_key()
                 raise
         self.watch.lap("quota")
@@ -188,10 +189,14 @@ class Exchange:
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
             self.chain = self.llm.route(command.model, self.reservation.preferred_model)
+            context = self.reservation.context
+            if context is None:
+                with sql.connection() as conn:
+                    context = quota.recent_exchanges(
+                        conn, command.telegram_id, self.config["CONTEXT_MESSAGES"]
+                    )
             self.messages = prompts.build_messages(
-                command.message,
-                self.reservation.context,
-                self._personalisation(),
+                command.message, context, self._personalisation(),
                 self.config["CONTEXT_MAX_CHARS"],
             )
         except BaseException as error:

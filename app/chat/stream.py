@@ -36,7 +36,7 @@ import httpx2
 from flask import Response, current_app, request, stream_with_context
 
 from app import metrics
-from app.chat.send import Answer, Exchange, SendCommand, storable
+from app.chat.send import Answer, Exchange, SendCommand, rate_limit_headers, storable
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import ApiError, LLMTimeout, LLMUnavailable, ServiceUnavailable
 from app.render import render
@@ -71,12 +71,20 @@ def stream_command(command: SendCommand) -> SendCommand:
 
 
 def stream_response(exchange: Exchange, replay: Answer | None) -> Response:
-    """The 200 event stream of an opened exchange (or of a replayed answer)."""
-    events = replayed(replay) if replay is not None else answered(exchange)
+    """The 200 event stream of an opened exchange (or of a replayed answer),
+    with the RateLimit headers of the unit it holds (the answer's, on replay)."""
+    if replay is not None:
+        events, usage = replayed(replay), replay.usage
+    else:
+        events, usage = answered(exchange), exchange.reservation.usage
     return Response(
         stream_with_context(events),
         mimetype="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            **rate_limit_headers(usage, exchange.day),
+        },
     )
 
 
@@ -126,14 +134,20 @@ class Pump:
             self._pending.append(text)
             self._ready.notify()
 
+    def _attach(self, upstream) -> None:
+        """The provider answered: from now on ``abort`` can cut its stream."""
+        with self._ready:
+            self.upstream = upstream
+            aborted = self._aborted
+        if aborted:
+            upstream.abort()
+
     def _run(self) -> None:
         try:
-            upstream, first = self._llm.stream(self._messages, self._chain, self._budget)
-            with self._ready:
-                self.upstream = upstream
-                aborted = self._aborted
-            if aborted:
-                upstream.abort()
+            upstream, first = self._llm.stream(
+                self._messages, self._chain, self._budget, self._attach
+            )
+            self._attach(upstream)
             try:
                 self._put(first)
                 for piece in upstream.pieces:

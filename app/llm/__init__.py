@@ -108,16 +108,17 @@ class LLM:
             model, messages, self.settings, share
         ))
 
-    def stream(self, messages: list[dict], chain: list[Model], budget: float):
+    def stream(self, messages: list[dict], chain: list[Model], budget: float, on_open):
         """Start a streamed answer: the first model of the chain to give a
         first piece within ``budget``. Returns (Upstream, first piece); the
         rest of the pieces come from ``Upstream.pieces`` with no retry or
-        fallback any more (the client already has the first).
+        fallback any more (the client already has the first). ``on_open``
+        gets each attempt's Upstream as soon as the provider answers.
 
         Raises: as ``complete``.
         """
         return self._walk(chain, budget, lambda model, share: open_stream(
-            model, messages, self.settings, share
+            model, messages, self.settings, share, on_open
         ))
 
     def _walk(self, chain: list[Model], budget: float, call):

@@ -201,11 +201,15 @@ class Upstream:
         self._response.close()
 
 
-def open_stream(model: Model, messages: list[dict], settings: CallSettings, budget: float):
+def open_stream(
+    model: Model, messages: list[dict], settings: CallSettings, budget: float, on_open
+):
     """Start a streamed answer and wait for its first piece, retried within
     ``budget`` (nothing has reached the client before the first piece, so a
     retry is invisible). Sent with the SDK's low-level ``post``, as
-    ``complete``. Returns (Upstream, first piece).
+    ``complete``. ``on_open(upstream)`` is called as soon as the provider
+    answers, so the caller can abort the wait for the first piece.
+    Returns (Upstream, first piece).
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
@@ -219,13 +223,15 @@ def open_stream(model: Model, messages: list[dict], settings: CallSettings, budg
     }
 
     def attempt(timeout: float):
-        # The timeout bounds the connect and every read: the wait for the first
-        # piece here, each silence between pieces after it.
+        # Connecting and each read are bounded: a read by OPENAI_TIMEOUT, which
+        # is the longest silence allowed between pieces (the wait for the first
+        # piece is bounded exactly by the caller, who aborts it).
         response = model.provider.client.post(
             "/chat/completions", cast_to=httpx2.Response, body=body, stream=True,
-            options={"timeout": timeout},
+            options={"timeout": httpx2.Timeout(settings.timeout, connect=timeout)},
         )
         upstream = Upstream(model, response)
+        on_open(upstream)
         try:
             first = next(upstream.pieces, None)
         except httpx2.TimeoutException:
