@@ -1,6 +1,6 @@
 """A strict checker of Telegram's HTML (Bot API, parse_mode=HTML) for the tests.
 
-Written apart from app/render.py on purpose, from the Bot API's "HTML style" section:
+Written apart from app/render/ on purpose, from the Bot API's "HTML style" section:
 a bug shared by the renderer and its checker would pass unseen. It is stricter than
 Telegram where Telegram would silently lose formatting (entities nested where the API
 forbids it) and where our contract promises less (only b, i, u, s, code, pre, a,

@@ -1,4 +1,4 @@
-"""Rendering of model answers (app/render.py): Telegram HTML, Markdown, plain text, parts.
+"""Rendering of model answers (app/render/): Telegram HTML, Markdown, plain text, parts.
 
 Every HTML result is judged by tests/telegram_html.py, a checker written apart from the
 renderer. The property tests build model-like Markdown from fragments (headings, bold,
@@ -14,15 +14,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from app.render import (
-    FORMATS,
-    TELEGRAM_MAX_CHARS,
-    Rendered,
-    _fast_runs,
-    _is_plain_prose,
-    _parsed_runs,
-    render,
-)
+from app.render import FORMATS, TELEGRAM_MAX_CHARS, Rendered, render
+from app.render.markdown import fast_runs, is_plain_prose, parsed_runs
 from tests.telegram_html import check, parse, visible_text
 
 # Slow CI machines: no per-example deadline; the example counts keep the file fast.
@@ -623,6 +616,6 @@ PROSE = st.text(
 @given(raw=PROSE)
 def test_fast_path_for_plain_prose_equals_the_parser(raw):
     # The fast path skips the parser for text with no markup; it must change nothing.
-    assume(_is_plain_prose(raw) and raw.strip())
+    assume(is_plain_prose(raw) and raw.strip())
 
-    assert _fast_runs(raw) == _parsed_runs(raw, plain=False)
+    assert fast_runs(raw) == parsed_runs(raw, plain=False)

@@ -1,7 +1,4 @@
-"""Rendering of the model's answer for the bot: Telegram HTML, Markdown or plain text.
-
-A pure function, no Flask or database: ``render(raw, fmt)`` gives the whole text and
-the parts to send, each within Telegram's 4096 characters and valid on its own.
+"""Markdown → runs: what the model wrote, as pieces of visible text with their tags.
 
 The Markdown is parsed by pyromark (pulldown-cmark, a CommonMark parser in Rust);
 we only walk its events. It parses an answer with about 1/30 of the CPU of
@@ -9,22 +6,16 @@ markdown-it-py or mistune, which matters as render runs on every answer and on e
 streamed prefix; the ready-made Telegram converters lost text (telegramify-markdown
 drops raw HTML) or made HTML Telegram refuses (chatgpt-md-converter mis-nests tags).
 The walk produces *runs*: pieces of visible text, each with the stack of Telegram tags
-around it. Escaping, closing and reopening tags, and cutting into parts all work on
-runs, so no tag or entity is ever cut in half.
+around it (app/render/parts.py escapes, closes, reopens and cuts them).
 """
 
 from __future__ import annotations
 
 import html
 import re
-import unicodedata
-from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import pyromark
-
-FORMATS = ("telegram_html", "markdown", "plain")
-TELEGRAM_MAX_CHARS = 4096
 
 # Tables are off on purpose: GFM drops the cells of a row beyond the header's width,
 # and the contract never drops text; a table stays readable as its own lines.
@@ -44,43 +35,19 @@ Tag = tuple[str, str]  # (start tag, end tag) as written: '<a href="…">', "</a
 Run = tuple[str, tuple[Tag, ...]]
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """The answer in one format: the whole text and the parts to send one by one."""
-
-    text: str
-    parts: tuple[str, ...]
+def runs(raw: str, *, plain: bool) -> list[Run]:
+    """The runs of ``raw``; ``plain`` leaves out the tags (and shows links' URLs)."""
+    return fast_runs(raw) if is_plain_prose(raw) else parsed_runs(raw, plain=plain)
 
 
-def render(raw: str, fmt: str) -> Rendered:
-    """Render the model's Markdown ``raw`` (complete or a prefix of a stream) as ``fmt``.
-
-    Raises:
-        ValueError: ``fmt`` is not one of ``FORMATS``.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}, expected one of {', '.join(FORMATS)}")
-    if not raw.strip():
-        return Rendered(text=raw if fmt == "markdown" else "", parts=())
-    if fmt == "markdown":
-        return Rendered(text=raw, parts=_split([(raw, ())], raw, as_html=False))
-    runs = _fast_runs(raw) if _is_plain_prose(raw) else _parsed_runs(raw, plain=fmt == "plain")
-    as_html = fmt == "telegram_html"
-    text = _serialize(runs) if as_html else "".join(t for t, _ in runs)
-    return Rendered(text=text, parts=_split(runs, text, as_html=as_html))
-
-
-# --- Markdown → runs -----------------------------------------------------------------
-
-
-def _is_plain_prose(raw: str) -> bool:
+def is_plain_prose(raw: str) -> bool:
     """True when the parser could only find paragraphs in ``raw``."""
     if _INLINE_SPECIAL.search(raw):
         return False
     return not any(line[:1] in _LINE_START_SPECIAL for line in raw.split("\n") if line)
 
 
-def _fast_runs(raw: str) -> list[Run]:
+def fast_runs(raw: str) -> list[Run]:
     """What the parser makes of plain prose: paragraphs of lines, trailing spaces cut."""
     paragraphs, lines = [], []
     for line in raw.split("\n"):
@@ -95,7 +62,7 @@ def _fast_runs(raw: str) -> list[Run]:
     return [("\n\n".join(paragraphs), ())]
 
 
-def _parsed_runs(raw: str, *, plain: bool) -> list[Run]:
+def parsed_runs(raw: str, *, plain: bool) -> list[Run]:
     """Walk the parser's events; fall back to the raw text when nothing visible is left."""
     walker = _Walker(plain=plain)
     for event in _MARKDOWN.events(_keep_reference_definitions(raw) if "]:" in raw else raw):
@@ -323,116 +290,3 @@ class _Link:
     url: str
     has_href: bool
     label: list[str] = field(default_factory=list)
-
-
-# --- runs → HTML, parts -------------------------------------------------------------
-
-
-def _serialize(runs: list[Run]) -> str:
-    """Runs as Telegram HTML: text escaped, each tag change closed and opened in order."""
-    out: list[str] = []
-    open_tags: tuple[Tag, ...] = ()
-    for text, stack in runs:
-        if stack != open_tags:
-            common = 0
-            for mine, theirs in zip(open_tags, stack, strict=False):
-                if mine != theirs:
-                    break
-                common += 1
-            for _, end_tag in reversed(open_tags[common:]):
-                out.append(end_tag)
-            for start_tag, _ in stack[common:]:
-                out.append(start_tag)
-            open_tags = stack
-        out.append(text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
-    for _, end_tag in reversed(open_tags):
-        out.append(end_tag)
-    return "".join(out)
-
-
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _split(runs: list[Run], rendered: str, *, as_html: bool) -> tuple[str, ...]:
-    """Cut the runs' visible text into parts of at most TELEGRAM_MAX_CHARS UTF-16 units.
-
-    ``rendered`` is the runs' whole text in the format: the one part of a short answer.
-    """
-    full = "".join(text for text, _ in runs) if as_html else rendered
-    if len(full) <= TELEGRAM_MAX_CHARS // 2 or _utf16_len(full) <= TELEGRAM_MAX_CHARS:
-        return (rendered,)
-    starts, offset = [], 0
-    for text, _ in runs:
-        starts.append(offset)
-        offset += len(text)
-    parts = []
-    for begin, stop in _cuts(full):
-        if not as_html:
-            parts.append(full[begin:stop])
-            continue
-        first = bisect_right(starts, begin) - 1
-        piece = []
-        for i in range(first, len(runs)):
-            if starts[i] >= stop:
-                break
-            text, stack = runs[i]
-            piece.append((text[max(begin - starts[i], 0) : stop - starts[i]], stack))
-        parts.append(_serialize(piece))
-    return tuple(parts)
-
-
-def _cuts(full: str) -> list[tuple[int, int]]:
-    """(start, end) of each part: at a paragraph, else a line, else a word boundary."""
-    cuts = []
-    start, length = 0, len(full)
-    while True:
-        while start < length and full[start] == "\n":
-            start += 1
-        if not full[start:].strip():
-            return cuts
-        end = _fit(full, start)
-        if end == length:
-            cuts.append((start, end))
-            return cuts
-        for boundary in ("\n\n", "\n", " ", "\t"):
-            cut = full.rfind(boundary, start, end)
-            if cut > start and full[start:cut].strip():
-                cuts.append((start, cut))
-                start = cut + len(boundary)
-                if boundary in (" ", "\t"):
-                    while start < length and full[start] in " \t":
-                        start += 1
-                break
-        else:
-            cut = _hard_cut(full, start, end)
-            if full[start:cut].strip():
-                cuts.append((start, cut))
-            start = cut
-
-
-def _fit(full: str, start: int) -> int:
-    """The largest end (or nearly) such that full[start:end] fits one Telegram message."""
-    end = min(len(full), start + TELEGRAM_MAX_CHARS)
-    while (units := _utf16_len(full[start:end])) > TELEGRAM_MAX_CHARS:
-        # Each character is one or two units: this never cuts more than one unit too much.
-        end -= max(1, (units - TELEGRAM_MAX_CHARS + 1) // 2)
-    return end
-
-
-def _hard_cut(full: str, start: int, end: int) -> int:
-    """Where to cut one enormous word: not inside a surrogate pair or a ZWJ sequence."""
-    for cut in range(end, max(start + 1, end - 32), -1):
-        if not _glued(full[cut - 1], full[cut]):
-            return cut
-    return end
-
-
-def _glued(before: str, after: str) -> bool:
-    return (
-        "\ud800" <= before <= "\udbff"
-        or before == "\u200d"
-        or after in "\u200d\ufe0e\ufe0f"
-        or unicodedata.combining(after) != 0
-        or "\U0001f3fb" <= after <= "\U0001f3ff"  # skin-tone modifiers
-    )
