@@ -199,10 +199,12 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
             if piece:
                 if not text:
                     metrics.STREAM_FIRST_TOKEN.observe(now - arrived)
+                # Cleaned as it arrives: deltas, snapshots and done show the same.
+                piece = storable(piece)
                 text.append(piece)
                 changed = True
                 last_write = now
-                yield event("delta", {"text": storable(piece)})
+                yield event("delta", {"text": piece})
             if changed and (last_snapshot is None or now - last_snapshot >= interval):
                 changed, last_snapshot = False, now
                 yield snapshot("".join(text), fmt)
@@ -219,6 +221,9 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
                 yield KEEPALIVE
         if pump.error is not None:
             raise pump.error
+        if not "".join(text).strip():
+            log.warning("llm streamed an empty answer")
+            raise LLMUnavailable()  # as send refuses it
         exchange.watch.lap("llm")
         answer = exchange.finish("".join(text), pump.upstream.tokens, pump.upstream.model.name)
         outcome = "done"

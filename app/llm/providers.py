@@ -169,6 +169,9 @@ class Upstream:
         self.pieces = self._read(response.iter_lines())
 
     def _read(self, lines) -> Iterator[str]:
+        """The content pieces; Unusable when the provider reports an error in the
+        stream, or the stream ends before it said it was finished."""
+        finished = False
         for line in lines:
             if not line.startswith("data:"):
                 continue
@@ -176,13 +179,18 @@ class Upstream:
             if data == "[DONE]":
                 return
             chunk = json.loads(data)
+            if chunk.get("error"):
+                raise Unusable("error event in the stream")
             usage = chunk.get("usage")
             if usage:
                 self.tokens = usage.get("total_tokens") or 0
             for choice in chunk.get("choices") or ():
+                finished = finished or bool(choice.get("finish_reason"))
                 text = (choice.get("delta") or {}).get("content")
                 if text:
                     yield text
+        if not finished:
+            raise Unusable("stream ended before the answer did")
 
     def abort(self) -> None:
         with self._lock:
@@ -223,12 +231,13 @@ def open_stream(
     }
 
     def attempt(timeout: float):
-        # Connecting and each read are bounded: a read by OPENAI_TIMEOUT, which
-        # is the longest silence allowed between pieces (the wait for the first
-        # piece is bounded exactly by the caller, who aborts it).
+        # ``timeout`` (OPENAI_TIMEOUT, or less when less is left of the budget)
+        # bounds the connect and every read: the wait for the provider's first
+        # answer (until then nothing can abort the call), then each silence
+        # between pieces.
         response = model.provider.client.post(
             "/chat/completions", cast_to=httpx2.Response, body=body, stream=True,
-            options={"timeout": httpx2.Timeout(settings.timeout, connect=timeout)},
+            options={"timeout": timeout},
         )
         upstream = Upstream(model, response)
         on_open(upstream)
