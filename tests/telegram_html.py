@@ -200,3 +200,45 @@ def _entity(html: str, pos: int) -> tuple[str, int]:
 def _require(ok: bool, html: str, pos: int, reason: str) -> None:
     if not ok:
         raise AssertionError(f"{reason} at {pos}: …{html[max(pos - 40, 0) : pos + 40]!r}…")
+
+
+# --- words the reader must still find ---------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    """Runs of letters and digits: what a reader must still find in the answer."""
+    return re.findall(r"[^\W_]+", text)
+
+
+def shown_with_attributes(html: str) -> str:
+    """Visible text, plus each link's href after its text and each fence's language.
+
+    Both are words the model wrote that Telegram shows in another way (a tappable link,
+    a code block header), so the word checks count them as shown, in the place where
+    the Markdown wrote them.
+    """
+    out = []
+    hrefs = []
+    for event in parse(html):
+        if event.kind == "text":
+            out.append(event.text)
+        elif event.kind == "start" and event.name == "a":
+            hrefs.append(event.attrs["href"])
+        elif event.kind == "end" and event.name == "a":
+            out.append(f" {hrefs.pop()} ")
+        elif event.kind == "start" and event.name == "code" and event.attrs.get("class"):
+            out.append(f"{event.attrs['class'].removeprefix('language-')} ")
+    return "".join(out)
+
+
+def assert_words_in_order(expected: str, actual: str) -> None:
+    """Each word of ``expected`` occurs in ``actual``, in order.
+
+    Matched as substrings of the parts' joined text, since a cut may glue the last word
+    of one part to the first of the next, or split an enormous word in two.
+    """
+    at = 0
+    for word in words(expected):
+        found = actual.find(word, at)
+        assert found >= 0, f"{word!r} lost or out of order after …{actual[at - 60 : at]!r}"
+        at = found + len(word)

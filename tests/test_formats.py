@@ -17,11 +17,11 @@ import re
 
 import pytest
 
+from app.render import TELEGRAM_MAX_CHARS
 from tests.conftest import API_KEY, request_count
 from tests.fake_llm import ok
-from tests.telegram_html import check, parse
+from tests.telegram_html import assert_words_in_order, check, shown_with_attributes
 
-TELEGRAM_MAX_CHARS = 4096
 LINK = "https://seller.wildberries.ru/analytics?tab=returns&period=30"
 
 
@@ -65,37 +65,6 @@ TAG = re.compile(r"</?(?:b|strong|i|em|u|s|code|pre|a|blockquote)\b")
 
 
 # --- helpers ------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    """Runs of letters and digits: what a reader must still find in the answer."""
-    return re.findall(r"[^\W_]+", text)
-
-
-def shown(html: str) -> str:
-    """The visible text of Telegram HTML, each link's href after its text and each
-    fence's language before it: words the model wrote that Telegram shows that way."""
-    out, hrefs = [], []
-    for event in parse(html):
-        if event.kind == "text":
-            out.append(event.text)
-        elif event.kind == "start" and event.name == "a":
-            hrefs.append(event.attrs["href"])
-        elif event.kind == "end" and event.name == "a":
-            out.append(f" {hrefs.pop()} ")
-        elif event.kind == "start" and event.name == "code" and event.attrs.get("class"):
-            out.append(f"{event.attrs['class'].removeprefix('language-')} ")
-    return "".join(out)
-
-
-def assert_words_in_order(expected: str, actual: str) -> None:
-    """Each word of ``expected`` occurs in ``actual``, in order (as substrings: a cut
-    between parts may glue two words together)."""
-    at = 0
-    for word in words(expected):
-        found = actual.find(word, at)
-        assert found >= 0, f"{word!r} lost or out of order after …{actual[at - 60 : at]!r}"
-        at = found + len(word)
 
 
 def utf16_units(text: str) -> int:
@@ -143,14 +112,15 @@ def test_each_part_of_a_long_answer_is_valid_telegram_html(long_answer):
 
 
 def test_parts_of_a_long_answer_keep_every_word_in_order(long_answer):
-    assert_words_in_order(LONG_ANSWER, "".join(shown(part) for part in long_answer["parts"]))
+    shown = "".join(shown_with_attributes(part) for part in long_answer["parts"])
+    assert_words_in_order(LONG_ANSWER, shown)
 
 
 def test_whole_response_of_a_long_answer_is_valid_telegram_html_apart_from_its_length(
     long_answer,
 ):
     check(long_answer["response"], max_chars=None)
-    assert utf16_units(shown(long_answer["response"])) > TELEGRAM_MAX_CHARS
+    assert utf16_units(shown_with_attributes(long_answer["response"])) > TELEGRAM_MAX_CHARS
 
 
 def test_long_answer_shows_markup_as_tags_and_html_as_escaped_text(long_answer):

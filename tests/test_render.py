@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from app.render import FORMATS, TELEGRAM_MAX_CHARS, Rendered, render
 from app.render.markdown import fast_runs, is_plain_prose, parsed_runs
-from tests.telegram_html import check, parse, visible_text
+from tests.telegram_html import (
+    assert_words_in_order,
+    check,
+    parse,
+    shown_with_attributes,
+    visible_text,
+)
 
 # Slow CI machines: no per-example deadline; the example counts keep the file fast.
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,47 +48,8 @@ if price < 500 and stock & 1:
 LONG_ANSWER = "\n".join(SECTION for _ in range(1 + 9000 // len(SECTION)))
 
 
-def words(text: str) -> list[str]:
-    """Runs of letters and digits: what a reader must still find in the answer."""
-    return re.findall(r"[^\W_]+", text)
-
-
-def shown_with_attributes(html: str) -> str:
-    """Visible text, plus each link's href after its text and each fence's language.
-
-    Both are words the model wrote that Telegram shows in another way (a tappable link,
-    a code block header), so the word checks count them as shown, in the place where
-    the Markdown wrote them.
-    """
-    out = []
-    hrefs = []
-    for event in parse(html):
-        if event.kind == "text":
-            out.append(event.text)
-        elif event.kind == "start" and event.name == "a":
-            hrefs.append(event.attrs["href"])
-        elif event.kind == "end" and event.name == "a":
-            out.append(f" {hrefs.pop()} ")
-        elif event.kind == "start" and event.name == "code" and event.attrs.get("class"):
-            out.append(f"{event.attrs['class'].removeprefix('language-')} ")
-    return "".join(out)
-
-
 def shown(part: str, fmt: str) -> str:
     return shown_with_attributes(part) if fmt == "telegram_html" else part
-
-
-def assert_words_in_order(expected: str, actual: str) -> None:
-    """Each word of ``expected`` occurs in ``actual``, in order.
-
-    Matched as substrings of the parts' joined text, since a cut may glue the last word
-    of one part to the first of the next, or split an enormous word in two.
-    """
-    at = 0
-    for word in words(expected):
-        found = actual.find(word, at)
-        assert found >= 0, f"{word!r} lost or out of order after …{actual[at - 60 : at]!r}"
-        at = found + len(word)
 
 
 def assert_valid_parts(result: Rendered, fmt: str) -> None:

@@ -88,6 +88,17 @@ class Completion:
     model: str
 
 
+def _body(model: Model, messages: list[dict], settings: CallSettings, **extra) -> dict:
+    """The chat-completions request body."""
+    return {
+        "model": model.name,
+        "messages": messages,
+        "temperature": settings.temperature,
+        "max_tokens": settings.max_tokens,
+        **extra,
+    }
+
+
 def with_retries(settings: CallSettings, budget: float, attempt):
     """``attempt(timeout)`` retried on transient errors within ``budget`` s."""
     started = time.monotonic()
@@ -123,12 +134,7 @@ def complete(model: Model, messages: list[dict], settings: CallSettings, budget:
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
-    body = {
-        "model": model.name,
-        "messages": messages,
-        "temperature": settings.temperature,
-        "max_tokens": settings.max_tokens,
-    }
+    body = _body(model, messages, settings)
 
     def attempt(timeout: float) -> Completion:
         response = model.provider.client.post(
@@ -221,14 +227,7 @@ def open_stream(
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
-    body = {
-        "model": model.name,
-        "messages": messages,
-        "temperature": settings.temperature,
-        "max_tokens": settings.max_tokens,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = _body(model, messages, settings, stream=True, stream_options={"include_usage": True})
 
     def attempt(timeout: float):
         # ``timeout`` (OPENAI_TIMEOUT, or less when less is left of the budget)
