@@ -44,6 +44,7 @@ from app.render import render
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keep-alive\n\n"
+DELTA_GATHER_SECONDS = 0.1
 
 
 class ClientGone(ApiError):
@@ -104,6 +105,7 @@ class Pump:
         self._budget = exchange.llm_budget()
         self._pending: list[str] = []
         self._ready = threading.Condition()
+        self._eager = False
         self._aborted = False
         self.finished = False
         self.error: ApiError | None = None
@@ -111,12 +113,25 @@ class Pump:
         self._thread = threading.Thread(target=self._run, name="ai-chat-stream", daemon=True)
         self._thread.start()
 
-    def take(self, timeout: float) -> tuple[str, bool]:
+    def take(self, until: float, gather_until: float) -> tuple[str, bool]:
         """The text that arrived since the last call, and whether the stream
-        has ended (nothing more will come), waiting up to ``timeout`` for some."""
+        has ended (nothing more will come).
+
+        Returns at the end of the stream, at ``until`` (monotonic), or once
+        there is text and ``gather_until`` has passed: pieces arriving before
+        that gather without waking this thread, so several go out in one
+        write (and one wake-up).
+        """
         with self._ready:
-            if not self._pending and not self.finished:
-                self._ready.wait(max(0.0, timeout))
+            while not self.finished:
+                now = time.monotonic()
+                if now >= until or (self._pending and now >= gather_until):
+                    break
+                # Woken by a piece only while there is none to send yet.
+                self._eager = not self._pending
+                wake_at = until if self._eager else min(until, gather_until)
+                self._ready.wait(wake_at - now)
+            self._eager = False
             text = "".join(self._pending)
             self._pending.clear()
             return text, self.finished
@@ -132,7 +147,8 @@ class Pump:
     def _put(self, text: str) -> None:
         with self._ready:
             self._pending.append(text)
-            self._ready.notify()
+            if self._eager:
+                self._ready.notify()
 
     def _attach(self, upstream) -> None:
         """The provider answered: from now on ``abort`` can cut its stream."""
@@ -185,16 +201,20 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
     text: list[str] = []
     try:
         last_write = time.monotonic()
+        last_delta = float("-inf")
         last_snapshot = None
         changed = False
         while True:
-            now = time.monotonic()
             due = [last_write + keepalive, stream_ends_by]
             if changed:
                 due.append(last_snapshot + interval)
             if not text:
                 due.append(first_token_by)
-            piece, finished = pump.take(min(due) - now)
+            # The first piece goes out at once; after it, what arrives within
+            # DELTA_GATHER_SECONDS of the last delta goes out as one: a model
+            # writes a token every ~20 ms, and one write per token was most of
+            # a stream's CPU (bench/RESULTS.md).
+            piece, finished = pump.take(min(due), last_delta + DELTA_GATHER_SECONDS)
             now = time.monotonic()
             if piece:
                 if not text:
@@ -203,7 +223,7 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
                 piece = storable(piece)
                 text.append(piece)
                 changed = True
-                last_write = now
+                last_write = last_delta = now
                 yield event("delta", {"text": piece})
             if changed and (last_snapshot is None or now - last_snapshot >= interval):
                 changed, last_snapshot = False, now

@@ -9,6 +9,8 @@ gives (the request's deadline, app.deadline).
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
 import socket
@@ -52,27 +54,63 @@ class CallSettings:
         )
 
 
+# Connection pools per provider and process. httpx's pool scans every one of its
+# connections (and probes the idle ones' sockets) whenever a request starts or
+# ends: with one pool for 600 threads that was 29% of a worker's CPU at 1000
+# concurrent chats (bench/RESULTS.md). Threads are spread over the shards, so a
+# pool serves about threads / SHARDS of them.
+SHARDS = 32
+
+
+@functools.cache
+def _tls_context():
+    """One TLS context for every client of the process: building one per client
+    costs ~50 ms of CPU (the CA bundle)."""
+    return httpx2.create_ssl_context()
+
+
 class Provider:
-    """An OpenAI-compatible endpoint: its client and its circuit breaker."""
+    """An OpenAI-compatible endpoint: its clients and its circuit breaker."""
 
     def __init__(self, name: str, settings: dict, timeout: float, breaker: Breaker):
         self.name = name
         self.base_url = settings["base_url"] or "https://api.openai.com/v1"
         self.configured = settings["configured"]
         self.breaker = breaker
-        self.client = None
-        if self.configured:
-            self.client = openai.OpenAI(
-                # Local servers (vLLM, Ollama, llama.cpp) take any key.
-                api_key=settings["api_key"] or "not-needed",
-                base_url=settings["base_url"],
-                timeout=timeout,
-                max_retries=0,
-            )
+        self._settings = settings
+        self._timeout = timeout
+        self._shards: list[openai.OpenAI | None] = [None] * SHARDS
+        self._next_shard = itertools.count()
+        self._thread = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> openai.OpenAI:
+        """The calling thread's client (built on first use, with SDK retries off)."""
+        shard = getattr(self._thread, "shard", None)
+        if shard is None:
+            shard = self._thread.shard = next(self._next_shard) % SHARDS
+        client = self._shards[shard]
+        if client is None:
+            with self._lock:
+                client = self._shards[shard]
+                if client is None:
+                    client = self._shards[shard] = openai.OpenAI(
+                        # Local servers (vLLM, Ollama, llama.cpp) take any key.
+                        api_key=self._settings["api_key"] or "not-needed",
+                        base_url=self._settings["base_url"],
+                        timeout=self._timeout,
+                        max_retries=0,
+                        http_client=openai.DefaultHttpxClient(
+                            verify=_tls_context(), timeout=self._timeout
+                        ),
+                    )
+        return client
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        for client in self._shards:
+            if client is not None:
+                client.close()
 
 
 @dataclass(frozen=True)
