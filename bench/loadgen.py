@@ -1,10 +1,20 @@
 """Closed-loop load generator: C clients, one keep-alive HTTP/1.1 connection each.
 
 Stdlib asyncio streams and hand-built requests, so one Python process drives a
-few hundred requests per second for a fraction of a core: the generator shares
-the two cores with the server it measures and must not become the bottleneck.
-Every client sends its next request as soon as the previous answer is in, with
-a fresh ``telegram_id`` each time (new user per request).
+few hundred requests per second, or a thousand open streams, for a fraction
+of a core: the generator shares the two cores with the server it measures and
+must not become the bottleneck. Every client sends its next request as soon as
+the previous answer is in, with a fresh ``telegram_id`` each time (new user per
+request). With ``ramp`` the clients start one after another over that many
+seconds, as an evening's users arrive, instead of a thousand SYNs at once.
+
+Two modes: POST /v1/chat/send (one JSON answer, its Server-Timing kept), and
+POST /v1/chat/stream (``stream=True``): the Server-Sent Events are read as
+they arrive until the first ``delta`` (its time is the sample's TTFT), then in
+bulk every STREAM_POLL_S; a sample records the time to that first delta and to
+the end of the stream, and a stream counts as answered only when it ended with
+``done``. An ``error`` event, or a body that ends without either, is an error
+of its own kind.
 """
 
 from __future__ import annotations
@@ -12,19 +22,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MESSAGE = "Как поднять карточку товара в поиске Wildberries?"
+SEND_PATH = "/v1/chat/send"
+STREAM_PATH = "/v1/chat/stream"
+# One read takes whatever the socket has: a stream's events arrive a few at a time.
+_READ_SIZE = 65536
+# After a stream's first delta only its end matters: reading every piece as it
+# arrives (a wake-up per piece, 40 000 a second at 1000 streams) would cost the
+# generator cores. It stops reading the socket for this long between reads
+# instead, and the pieces wait in the kernel's buffer (a few KiB; the server
+# never blocks on them). The time to the end of a stream is as late as that.
+STREAM_POLL_S = 0.2
 
 
 @dataclass
 class Sample:
     started: float
-    latency: float
+    latency: float  # seconds to the whole answer (a stream: to its last byte)
     status: int
-    server_timing: bytes | None
+    server_timing: bytes | None = None
+    first_delta: float | None = None  # streams: seconds to the first delta event
+    done: bool = True  # streams: the stream ended with its done event
+
+    @property
+    def answered(self) -> bool:
+        return self.status == 200 and self.done
 
 
 @dataclass
@@ -37,12 +64,27 @@ class LoadResult:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
 
-class _Request:
-    """The bytes of one POST /v1/chat/send, built with as little work as possible."""
+def raise_open_files(needed: int) -> tuple[int, int]:
+    """Raise this process's soft limit of open files towards ``needed`` (at most
+    the hard limit); children started afterwards inherit it. Returns (before, now).
 
-    def __init__(self, host: str, port: int, api_key: str, first_id: int):
+    A thousand clients are a thousand sockets here, and as many again in the
+    gunicorn workers and the fake LLM: a soft limit of 1024 would fail the run
+    with EMFILE, not measure the service.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class _Request:
+    """The bytes of one POST, built with as little work as possible."""
+
+    def __init__(self, host: str, port: int, api_key: str, first_id: int, path: str):
         self.head = (
-            f"POST /v1/chat/send HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"X-API-KEY: {api_key}\r\nContent-Type: application/json\r\n"
             "Content-Length: "
         ).encode()
@@ -54,25 +96,96 @@ class _Request:
         return self.head + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+def _header(lowered: bytes, raw: bytes, name: bytes) -> bytes | None:
+    start = lowered.find(b"\r\n" + name + b":")
+    if start < 0:
+        return None
+    end = lowered.index(b"\r\n", start + 2)
+    return raw[start + len(name) + 3 : end].strip()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes | None, bool]:
     """Status, the Server-Timing value (or None) and whether the server closes."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     lowered = head.lower()
-    start = lowered.find(b"\r\ncontent-length:")
-    length = 0
-    if start >= 0:
-        end = lowered.index(b"\r\n", start + 2)
-        length = int(lowered[start + 17 : end])
+    length = int(_header(lowered, head, b"content-length") or 0)
     if length:
         await reader.readexactly(length)
-    timing = None
-    start = lowered.find(b"\r\nserver-timing:")
-    if start >= 0:
-        end = lowered.index(b"\r\n", start + 2)
-        timing = head[start + 16 : end]
     closes = b"\r\nconnection: close" in lowered
-    return status, timing, closes
+    return status, _header(lowered, head, b"server-timing"), closes
+
+
+class _Events:
+    """Splits the SSE text of a stream into events and notes the ones that matter."""
+
+    def __init__(self):
+        self.pending = bytearray()
+        self.first_delta: float | None = None
+        self.ending: str | None = None  # "done" or "error"
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.pending += data
+        start = 0
+        while True:
+            end = self.pending.find(b"\n\n", start)
+            if end < 0:
+                break
+            # Only the first line (the event's name) matters; comments
+            # (": keep-alive") and snapshots are read past.
+            if self.pending.startswith(b"event: delta", start):
+                if self.first_delta is None:
+                    self.first_delta = now
+            elif self.pending.startswith(b"event: done", start):
+                self.ending = "done"
+            elif self.pending.startswith(b"event: error", start):
+                self.ending = "error"
+            start = end + 2
+        del self.pending[:start]
+
+
+async def _read_stream(
+    reader: asyncio.StreamReader, transport: asyncio.Transport
+) -> tuple[int, float | None, str, bool]:
+    """Status, perf_counter time of the first delta (or None), how the stream
+    ended ("done", "error", "incomplete"; "" for an answer that is no stream,
+    e.g. a JSON 429) and whether the server closes."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lowered = head.lower()
+    closes = b"\r\nconnection: close" in lowered
+    if b"\r\ntransfer-encoding: chunked" not in lowered:
+        length = int(_header(lowered, head, b"content-length") or 0)
+        if length:
+            await reader.readexactly(length)
+        return status, None, "", closes
+    events = _Events()
+    buffer = bytearray()
+    while True:
+        if events.first_delta is not None:
+            transport.pause_reading()
+            await asyncio.sleep(STREAM_POLL_S)
+            transport.resume_reading()
+        data = await reader.read(_READ_SIZE)
+        if not data:
+            raise asyncio.IncompleteReadError(bytes(buffer), None)
+        now = time.perf_counter()
+        buffer += data
+        # Every complete HTTP chunk in the buffer, without an await per chunk.
+        position = 0
+        while True:
+            line_end = buffer.find(b"\r\n", position)
+            if line_end < 0:
+                break
+            size = int(bytes(buffer[position:line_end]).split(b";", 1)[0], 16)
+            start = line_end + 2
+            if len(buffer) < start + size + 2:
+                break
+            if size == 0:  # the last chunk (no trailers): the body is over
+                return status, events.first_delta, events.ending or "incomplete", closes
+            events.feed(bytes(buffer[start : start + size]), now)
+            position = start + size + 2
+        del buffer[:position]
 
 
 async def _client(
@@ -83,7 +196,10 @@ async def _client(
     keep_going: Callable[[], bool],
     timeout: float,
     on_answer: Callable[[], None] | None,
+    stream: bool,
+    delay: float,
 ) -> None:
+    await asyncio.sleep(delay)
     reader = writer = None
     try:
         while keep_going():
@@ -100,7 +216,12 @@ async def _client(
             try:
                 async with asyncio.timeout(timeout):
                     writer.write(data)
-                    status, timing, closes = await _read_response(reader)
+                    if stream:
+                        status, first, ending, closes = await _read_stream(
+                            reader, writer.transport)
+                        timing = None
+                    else:
+                        status, timing, closes = await _read_response(reader)
             except TimeoutError:
                 result.error("timeout")
                 closes = True
@@ -108,12 +229,17 @@ async def _client(
                 result.error("connection")
                 closes = True
             else:
-                result.samples.append(
-                    Sample(started, time.perf_counter() - started, status, timing)
-                )
+                now = time.perf_counter()
+                sample = Sample(started, now - started, status, timing)
+                if stream and status == 200:
+                    sample.first_delta = None if first is None else first - started
+                    sample.done = ending == "done"
+                    if not sample.done:
+                        result.error(f"stream_{ending}")
+                result.samples.append(sample)
                 if status != 200:
                     result.error(f"http_{status}")
-                elif on_answer is not None:
+                elif sample.done and on_answer is not None:
                     on_answer()
             if closes:
                 writer.close()
@@ -134,15 +260,21 @@ async def run_load(
     total: int | None = None,
     timeout: float = 30.0,
     on_answer: Callable[[], None] | None = None,
+    stream: bool = False,
+    ramp: float = 0.0,
+    drain: float | None = None,
 ) -> LoadResult:
     """Drive ``clients`` closed loops for ``duration`` seconds or ``total`` requests,
-    whichever ends first.
+    whichever ends first; client i starts ``i * ramp / clients`` seconds in.
 
-    In-flight requests finish after the stop (bounded by ``timeout``); only the
-    caller decides which part of the samples is the measurement window.
+    In-flight requests finish after the stop (bounded by ``timeout``), or, with
+    ``drain``, those still running that many seconds after it are cut (their
+    connections closed; neither answers nor errors: they would end after any
+    window). Only the caller decides which part of the samples is the
+    measurement window.
     """
     result = LoadResult()
-    request = _Request(host, port, api_key, first_id)
+    request = _Request(host, port, api_key, first_id, STREAM_PATH if stream else SEND_PATH)
     stop_at = time.perf_counter() + duration if duration is not None else float("inf")
     limit = total if total is not None else float("inf")
 
@@ -151,9 +283,16 @@ async def run_load(
 
     tasks = [
         asyncio.create_task(
-            _client(host, port, request, result, keep_going, timeout, on_answer)
+            _client(host, port, request, result, keep_going, timeout, on_answer, stream,
+                    index * ramp / clients)
         )
-        for _ in range(clients)
+        for index in range(clients)
     ]
-    await asyncio.gather(*tasks)
+    if drain is None or duration is None:
+        await asyncio.gather(*tasks)
+        return result
+    _, unfinished = await asyncio.wait(tasks, timeout=duration + drain)
+    for task in unfinished:
+        task.cancel()
+    await asyncio.gather(*unfinished, return_exceptions=True)
     return result

@@ -1,4 +1,10 @@
-"""RESULTS.md: machine, settings, figures, targets met or not, leak check, profile."""
+"""RESULTS.md: machine, settings, figures, targets met or not, leak check, profile,
+the PostgreSQL ceiling and the index measurements, and the hand-written analysis.
+
+The analysis is the one part written by hand: a full run keeps whatever stands
+between the analysis markers of the file it rewrites, so figures can be
+regenerated without losing it (review it after every full run).
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,20 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 
-from bench import whatif
+from bench import ceiling, indexes, targets, whatif
+from bench.loadgen import STREAM_POLL_S
+from bench.scenarios import PAIRS
 from bench.servers import ROOT
-from bench.stats import Figures
+from bench.stats import Figures, median
+from bench.targets import fmt as _fmt
 
-# (service scenario, forward scenario) pairs shown as ratios.
-PAIRS = (("slow-50", "fwd-slow-50"), ("slow-200", "fwd-slow-200"), ("fast-50", "fwd-fast-50"))
-# RSS growth from the middle to the end of the leak run that still counts as flat.
-LEAK_TOLERANCE_MIB = 2.0
-
-
-def _fmt(value, digits: int = 1) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+ANALYSIS_START = "<!-- analysis: by hand; make bench keeps it when it rewrites this file -->"
+ANALYSIS_END = "<!-- end of analysis -->"
+ANALYSIS_PLACEHOLDER = """\
+_To be written by hand after a full run on a quiet machine: what the figures above
+mean, which targets are not met and why (with the profile and the ceiling as
+evidence), what the index measurements decide, and the sizing rule (workers,
+threads, pool, max_connections, PgBouncer) that the figures support._"""
 
 
 def _pair(first, second, digits: int = 1) -> str:
@@ -88,16 +96,31 @@ def _split(f: Figures) -> str:
 
 
 def console_line(f: Figures) -> str:
+    if f.stream:
+        lateness = f.first_delta_after_model
+        return (
+            f"{f.name:>15}: {f.answers_per_s:7.1f} streams/s (of {_fmt(f.bound_per_s)})  TTFT "
+            f"p50 {_fmt(f.ttft_p50)} ms p99 {_fmt(f.ttft_p99)} ms (first delta +{_fmt(lateness[0])}"
+            f" / +{_fmt(lateness[1])} ms after the model's)  done p99 {_fmt(f.p99)} ms  "
+            f"errors {targets.errors_text(f)}  CPU {_fmt(f.cpu_ms_per_answer.get('service'), 2)} "
+            f"ms/stream  RSS {_fmt(f.service_rss_mib, 0)} MiB  busy "
+            f"{_fmt((f.machine_busy or 0) * 100, 0)}% (other {_fmt((f.other_load or 0) * 100, 0)}%)"
+            f"  workers {_split(f)}"
+        )
     return (
-        f"{f.name:>13}: {f.answers_per_s:7.1f} answers/s  p50 {_fmt(f.p50)} ms  "
+        f"{f.name:>15}: {f.answers_per_s:7.1f} answers/s  p50 {_fmt(f.p50)} ms  "
         f"p99 {_fmt(f.p99)} ms  overhead p50 {_fmt(f.overhead_p50)} ms  "
         f"own p50 {_fmt(f.own_p50)} ms  "
         f"quota/save p99 {_pair(f.phases_p99.get('quota'), f.phases_p99.get('save'))} ms  "
         f"errors {f.error_count}  CPU {_fmt(f.cpu_ms_per_answer.get('service'), 2)} ms/answer  "
-        f"busy {_fmt((f.machine_busy or 0) * 100, 0)}% "
+        f"RSS {_fmt(f.service_rss_mib, 0)} MiB  busy {_fmt((f.machine_busy or 0) * 100, 0)}% "
         f"(other {_fmt((f.other_load or 0) * 100, 0)}%)  new conns {f.new_db_connections}  "
         f"workers {_split(f)}"
     )
+
+
+def _errors(f: Figures) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(f.errors.items())) or "0"
 
 
 def _figures_tables(measured) -> list[str]:
@@ -109,20 +132,20 @@ def _figures_tables(measured) -> list[str]:
     ]
     for m in measured.values():
         f = m.figures
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(f.errors.items())) or "0"
         lines.append(
             f"| {f.name} | {f.app} | {f.upstream_ms:.0f} | {f.clients} | {f.answers_per_s:.1f} "
             f"| {_fmt(f.p50)} | {_fmt(f.p99)} | {_pair(f.overhead_p50, f.overhead_p99)} "
             f"| {_pair(f.own_p50, f.own_p99)} "
             f"| {_pair(f.phases_p50.get('quota'), f.phases_p99.get('quota'))} "
-            f"| {_pair(f.phases_p50.get('save'), f.phases_p99.get('save'))} | {errors} |"
+            f"| {_pair(f.phases_p50.get('save'), f.phases_p99.get('save'))} | {_errors(f)} |"
         )
     lines += [
         "",
         "| scenario | answers | window s | gunicorn CPU ms/answer | PostgreSQL CPU ms/answer "
         "| fake LLM CPU ms/answer | load generator CPU ms/answer | machine busy "
-        "| other load | new DB connections | worker CPU split % | worker RSS MiB |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| other load | new DB connections | worker CPU split % | worker RSS MiB "
+        "| service RSS / PSS MiB |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for m in measured.values():
         f = m.figures
@@ -133,88 +156,132 @@ def _figures_tables(measured) -> list[str]:
             f"| {_fmt(cpu.get('postgres'), 2)} | {_fmt(cpu.get('fake_llm'), 2)} "
             f"| {_fmt(cpu.get('loadgen'), 2)} | {_fmt((f.machine_busy or 0) * 100, 0)}% "
             f"| {_fmt((f.other_load or 0) * 100, 0)}% | {_fmt(f.new_db_connections, 0)} "
-            f"| {_split(f)} | {rss} |"
+            f"| {_split(f)} | {rss} | {_pair(f.service_rss_mib, f.service_pss_mib, 0)} |"
         )
     return lines
 
 
-def _ratio(measured, service: str, forward: str):
-    if service in measured and forward in measured:
-        floor = measured[forward].figures.answers_per_s
-        return measured[service].figures.answers_per_s / floor if floor else None
-    return None
-
-
-def _verdict(ok: bool | None) -> str:
-    return "not measured" if ok is None else ("**met**" if ok else "**NOT met**")
-
-
-def leak_growth(m) -> list[float] | None:
-    points = dict(m.rss_points)
-    if "middle" not in points or "end" not in points:
-        return None
-    return [end - middle for middle, end in zip(points["middle"], points["end"], strict=False)]
-
-
-def target_lines(measured) -> list[str]:
-    """One line per target of the issue: met / NOT met, with the numbers."""
-    get = measured.get
-    lines = []
-    f = get("slow-50") and get("slow-50").figures
-    ok = None if not f else (f.answers_per_s >= 90 and (f.p99 or 1e9) <= 650
-                             and f.error_count == 0)
-    lines.append(
-        f"- upstream 500 ms, 50 clients: >= 90 answers/s, p99 <= 650 ms, zero errors — "
-        f"{_verdict(ok)}"
-        + (f" ({f.answers_per_s:.1f} answers/s, p99 {_fmt(f.p99)} ms, "
-           f"{f.error_count} errors)" if f else "")
-    )
-    f = get("slow-200") and get("slow-200").figures
-    ratio = _ratio(measured, "slow-200", "fwd-slow-200")
-    ok = None if not f or ratio is None else (f.error_count == 0 and ratio >= 0.8)
-    lines.append(
-        f"- upstream 500 ms, 200 clients: zero errors, >= 0.8x forward-only — {_verdict(ok)}"
-        + (f" ({f.error_count} errors, {f.answers_per_s:.1f} vs "
-           f"{get('fwd-slow-200').figures.answers_per_s:.1f} answers/s = {ratio:.2f}x)"
-           if ok is not None else "")
-    )
-    ratio = _ratio(measured, "fast-50", "fwd-fast-50")
-    ok = None if ratio is None else ratio >= 0.6
-    lines.append(
-        f"- upstream 0 ms, 50 clients (CPU-bound): >= 0.6x forward-only — {_verdict(ok)}"
-        + (f" ({get('fast-50').figures.answers_per_s:.1f} vs "
-           f"{get('fwd-fast-50').figures.answers_per_s:.1f} answers/s = {ratio:.2f}x)"
-           if ok is not None else "")
-    )
-    f = get("slow-20") and get("slow-20").figures
-    ok = None if not f or f.overhead_p50 is None else f.overhead_p50 <= 5
-    lines.append(
-        f"- service overhead p50 <= 5 ms at 20 clients — {_verdict(ok)}"
-        + (f" (client latency − upstream call p50 = {_fmt(f.overhead_p50)} ms; "
-           f"Server-Timing total − llm p50 = {_fmt(f.own_p50)} ms)" if ok is not None else "")
-    )
-    quota = f and f.phases_p99.get("quota")
-    save = f and f.phases_p99.get("save")
-    ok = None if quota is None or save is None else (quota <= 2 and save <= 2)
-    lines.append(
-        f"- quota reservation and save <= 2 ms p99 each (Server-Timing, 20 clients) — "
-        f"{_verdict(ok)}" + (f" (quota {_fmt(quota)} ms, save {_fmt(save)} ms)"
-                             if ok is not None else "")
-    )
-    leak = get("leak")
-    growth = leak and leak_growth(leak)
-    ok = None if not growth else all(value <= LEAK_TOLERANCE_MIB for value in growth)
-    lines.append(
-        f"- no leak: worker RSS flat over the leak run (<= {LEAK_TOLERANCE_MIB:.0f} MiB growth "
-        f"from its middle to its end) — {_verdict(ok)}"
-        + (f" ({leak.figures.extra.get('requests')} requests; growth "
-           f"{', '.join(f'{g:+.1f}' for g in growth)} MiB per worker)" if ok is not None else "")
-    )
+def _real_tables(measured) -> list[str]:
+    """The 1000-client scenarios and the streams, with what the model allows."""
+    real = [m.figures for m in measured.values() if not m.figures.stream
+            and m.figures.upstream_ms >= 1000]
+    streams = [m.figures for m in measured.values() if m.figures.stream]
+    if not real and not streams:
+        return ["Not run."]
+    lines = [
+        "Clients start one after another over the ramp (client i at i x ramp ÷ clients "
+        "seconds), each on its own keep-alive connection; the window starts after the "
+        "warm-up (the ramp, one whole answer of the model and 1 s), so every client is in "
+        "its steady loop. Bound = clients ÷ the model's time for a whole answer: what a "
+        "closed loop could get if the service added nothing. Errors count the whole run, "
+        "ramp included, and the drain after the window (two whole answers of the model + "
+        "2 s; requests still running then are cut, counted neither as answers nor as "
+        "errors). RSS / PSS: the gunicorn master and its workers together "
+        "at the end of the window (PSS counts the pages they share once). Load generator "
+        "and fake LLM: their CPU in the window as % of one core (each is one Python "
+        "process: near 100 % it would set the pace, not the service).",
+        "",
+    ]
+    if real:
+        lines += [
+            "| scenario | app | model ms | clients | ramp / warm-up / window s | answers/s "
+            "| bound /s | p50 ms | p99 ms | quota p50 / p99 ms | save p50 / p99 ms | errors "
+            "| service RSS / PSS MiB | gunicorn CPU ms/answer "
+            "| load generator / fake LLM CPU % |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for f in real:
+            lines.append(
+                f"| {f.name} | {f.app} | {f.answer_ms:.0f} | {f.clients} "
+                f"| {f.ramp_s:.0f} / {f.warmup_s:.0f} / {f.window_s:.0f} "
+                f"| {f.answers_per_s:.1f} | {_fmt(f.bound_per_s)} | {_fmt(f.p50, 0)} "
+                f"| {_fmt(f.p99, 0)} "
+                f"| {_pair(f.phases_p50.get('quota'), f.phases_p99.get('quota'))} "
+                f"| {_pair(f.phases_p50.get('save'), f.phases_p99.get('save'))} | {_errors(f)} "
+                f"| {_pair(f.service_rss_mib, f.service_pss_mib, 0)} "
+                f"| {_fmt(f.cpu_ms_per_answer.get('service'), 2)} | {_shares(f)} |"
+            )
+        lines.append("")
+    if streams:
+        lines += [
+            "Streams: POST /v1/chat/stream read as Server-Sent Events. TTFT = time from the "
+            "request to the first `delta` event; the model sends its first token "
+            f"{streams[0].upstream_ms:.0f} ms after it gets the call, so TTFT − that = how "
+            "late the service's first delta is (its own work before the model call, the "
+            "model call's set-up, and getting the piece to the client). A stream is answered "
+            "when it ends with `done`. After the first delta the load generator reads each "
+            f"stream every {STREAM_POLL_S * 1000:.0f} ms, not at every piece (see "
+            "bench/loadgen.py), so \"done\" is up to that much late.",
+            "",
+            "| scenario | app | clients | ramp / warm-up / window s | streams/s | bound /s "
+            "| TTFT p50 / p99 / max ms | first delta after the model's p50 / p99 ms "
+            "| done p50 / p99 ms | errors | service RSS / PSS MiB | gunicorn CPU ms/stream "
+            "| load generator / fake LLM CPU % |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for f in streams:
+            late = f.first_delta_after_model
+            lines.append(
+                f"| {f.name} | {f.app} | {f.clients} "
+                f"| {f.ramp_s:.0f} / {f.warmup_s:.0f} / {f.window_s:.0f} "
+                f"| {f.answers_per_s:.1f} | {_fmt(f.bound_per_s)} "
+                f"| {_fmt(f.ttft_p50, 0)} / {_fmt(f.ttft_p99, 0)} / {_fmt(f.ttft_max, 0)} "
+                f"| {_pair(late[0], late[1], 0)} | {_pair(f.p50, f.p99, 0)} | {_errors(f)} "
+                f"| {_pair(f.service_rss_mib, f.service_pss_mib, 0)} "
+                f"| {_fmt(f.cpu_ms_per_answer.get('service'), 2)} | {_shares(f)} |"
+            )
     return lines
 
 
+def _shares(f: Figures) -> str:
+    shares = [f.core_share(group) for group in ("loadgen", "fake_llm")]
+    return " / ".join("–" if share is None else f"{share * 100:.0f}" for share in shares)
+
+
+def _comparisons(measured, repeat: int) -> list[str]:
+    lines = [
+        f"Pairs measured in {repeat} round(s), the two apps one after the other in each round; "
+        "the ratios are per round, and the median is the figure (the rounds in brackets).",
+        "",
+        "| service | forward-only | rounds | answers/s (median) | answers/s ratio "
+        "| gunicorn CPU ms/answer (median) | CPU ratio |",
+        "|---|---|--:|--:|--:|--:|--:|",
+    ]
+    pairs = [*PAIRS, ("real-1000", "fwd-real-1000"), ("stream-1000", "fwd-stream-1000"),
+             ("stream-5", "fwd-stream-5")]
+    for service, forward in pairs:
+        if service not in measured or forward not in measured:
+            continue
+        answers, cpu = targets.ratios(measured, service, forward)
+        rates = [_median_of(measured[name], lambda r: r.answers_per_s)
+                 for name in (service, forward)]
+        costs = [_median_of(measured[name], lambda r: r.cpu_ms_per_answer.get("service"))
+                 for name in (service, forward)]
+        lines.append(
+            f"| {service} | {forward} | {len(answers)} | {_pair(*rates)} "
+            f"| {targets.rounds_text(answers)} | {_pair(*costs, 2)} "
+            f"| {targets.rounds_text(cpu)} |"
+        )
+    if "fast-50" in measured and "fast-50-warning" in measured:
+        info, plain = measured["fast-50"].figures, measured["fast-50-warning"].figures
+        ci, cp = info.cpu_ms_per_answer.get("service"), plain.cpu_ms_per_answer.get("service")
+        change = (info.answers_per_s / plain.answers_per_s - 1) * 100 if plain.answers_per_s else 0
+        lines += [
+            "",
+            f"Cost of the per-request log line (LOG_LEVEL=INFO, the default, vs WARNING; "
+            f"upstream 0 ms, 50 clients, first round): {info.answers_per_s:.1f} vs "
+            f"{plain.answers_per_s:.1f} answers/s ({change:+.0f}%), gunicorn CPU {_fmt(ci, 2)} "
+            f"vs {_fmt(cp, 2)} ms/answer" + (f" ({ci - cp:+.2f} ms)." if ci and cp else "."),
+        ]
+    return lines
+
+
+def _median_of(m, key):
+    return median([key(r) for r in m.repeats])
+
+
 def targets_block(measured) -> str:
-    return "\n".join(["Targets:", *target_lines(measured)])
+    return "\n".join(["Targets:", *targets.target_lines(measured)])
 
 
 def sweep_table(rows, elapsed: float) -> str:
@@ -239,34 +306,6 @@ def sweep_table(rows, elapsed: float) -> str:
             f"| {', '.join(f'{v:.0f}' for v in f.worker_rss_mib)} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _comparisons(measured) -> list[str]:
-    lines = [
-        "| service | forward-only | answers/s | ratio | gunicorn CPU ms/answer | CPU ratio |",
-        "|---|---|--:|--:|--:|--:|",
-    ]
-    for service, forward in PAIRS:
-        if service in measured and forward in measured:
-            s, f = measured[service].figures, measured[forward].figures
-            cs, cf = s.cpu_ms_per_answer.get("service"), f.cpu_ms_per_answer.get("service")
-            lines.append(
-                f"| {service} | {forward} | {s.answers_per_s:.1f} / {f.answers_per_s:.1f} "
-                f"| {_fmt(_ratio(measured, service, forward), 2)} | {_pair(cs, cf, 2)} "
-                f"| {_fmt(cs / cf if cs and cf else None, 2)} |"
-            )
-    if "fast-50" in measured and "fast-50-info" in measured:
-        plain, info = measured["fast-50"].figures, measured["fast-50-info"].figures
-        cp, ci = plain.cpu_ms_per_answer.get("service"), info.cpu_ms_per_answer.get("service")
-        lines += [
-            "",
-            f"Cost of the per-request log line (LOG_LEVEL=INFO vs WARNING, upstream 0 ms, "
-            f"50 clients): {info.answers_per_s:.1f} vs {plain.answers_per_s:.1f} answers/s "
-            f"({(info.answers_per_s / plain.answers_per_s - 1) * 100:+.0f}%), "
-            f"gunicorn CPU {_fmt(ci, 2)} vs {_fmt(cp, 2)} ms/answer"
-            + (f" ({ci - cp:+.2f} ms)." if ci and cp else "."),
-        ]
-    return lines
 
 
 def _leak(measured) -> list[str]:
@@ -313,11 +352,22 @@ def _profile(profile) -> list[str]:
     return lines
 
 
+def kept_analysis(previous: str) -> str | None:
+    """The hand-written analysis of a RESULTS.md (between the markers), if any."""
+    start = previous.find(ANALYSIS_START)
+    end = previous.find(ANALYSIS_END, start)
+    if start < 0 or end < 0:
+        return None
+    return previous[start + len(ANALYSIS_START) : end].strip("\n")
+
+
 def render(measured, profile, settings_, elapsed: float, quick: bool, failures=None,
-           costs=None) -> str:
+           costs=None, ceiling=None, indexes=None, repeat: int = 1,
+           analysis: str | None = None) -> str:
     gunicorn = settings_["gunicorn"]
     engine = settings_["engine"]
     overrides = settings_["overrides"]
+    files = settings_.get("open_files")
     lines = [
         "# Benchmark results",
         "",
@@ -325,21 +375,28 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
         "written by hand. Compare figures within one run only: the load generator, "
         "PostgreSQL and the fake LLM share the two cores with the service.",
         "",
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole run {elapsed:.0f} s"
+        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; whole run {elapsed:.0f} s "
+        f"({elapsed / 60:.1f} min)"
         + (" (**--quick: smoke figures, not for comparison**)" if quick else ""),
         f"- Machine: {_machine()}; CPU calibration (1M-step Python loop, best of 5) "
         + " ms at the start, ".join(f"{ms:.1f}" for ms in settings_.get("calibration_ms", []))
         + " ms at the end",
-        f"- Service: gunicorn {gunicorn['worker_class']}, {gunicorn['workers']} workers "
-        f"x {gunicorn['threads']} threads, timeout {gunicorn['timeout']} s, "
+        f"- Service at its defaults: gunicorn {gunicorn['worker_class']}, {gunicorn['workers']} "
+        f"workers x {gunicorn['threads']} threads, timeout {gunicorn['timeout']} s, "
         f"keepalive {gunicorn['keepalive']} s; SQLAlchemy pool {engine['pool_size']} + "
         f"overflow {engine['max_overflow']} per worker, pool_timeout {engine['pool_timeout']} s; "
-        "LOG_LEVEL=WARNING unless the scenario says INFO; DAILY_LIMIT high, a fresh "
-        "telegram_id per request (new user: the context read finds nothing)",
+        "LOG_LEVEL=INFO (the request log line goes to a file, as the container's stdout "
+        "would) except in fast-50-warning; DAILY_LIMIT high, a fresh telegram_id per "
+        "request (new user: the context read finds nothing)",
         "- Forward-only app: `bench/forward_app.py`, same gunicorn.conf.py and settings, same "
-        "`openai` client settings; no Flask, validation, database, logging or metrics",
+        "`openai` client settings; no Flask, validation, database, logging or metrics; "
+        "never alive at the same time as the service",
         "- Load: closed loop, C clients with one keep-alive connection each "
-        "(`bench/loadgen.py`, asyncio); the window starts after a warm-up",
+        "(`bench/loadgen.py`, asyncio); the window starts after a warm-up"
+        + ("" if not files else f"; open files (soft limit) {files[1]}"
+           + (f", raised from {files[0]} for the bench and its children"
+              if files[1] != files[0] else "")),
+        f"- Rounds of the service/forward-only pairs: {repeat} (--repeat)",
         "- Environment overrides: "
         + (", ".join(f"`{k}={v}`" for k, v in overrides.items()) or "none"),
         "",
@@ -355,19 +412,29 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
           for names, error in (failures or {}).items()],
         *_figures_tables(measured),
         "",
+        "## Real model latencies: 1000 chats and 1000 streams",
+        "",
+        *_real_tables(measured),
+        "",
         "## Service against the forward-only floor",
         "",
-        *_comparisons(measured),
+        *_comparisons(measured, repeat),
         "",
         "## Targets",
         "",
-        *target_lines(measured),
-        "- at most 3 database statements per answered send, 1 per 429 — asserted by "
-        "`tests/test_round_trips.py` (counts statements, not times)",
+        *targets.target_lines(measured),
         "",
         "## Leak run",
         "",
         *_leak(measured),
+        "",
+        "## Ceiling of one PostgreSQL for the hot path (pgbench)",
+        "",
+        *(ceiling_lines(ceiling)),
+        "",
+        "## Indexes: worth keeping?",
+        "",
+        *(index_lines(indexes) if indexes is not None else ["Not run."]),
         "",
         "## Profile of a send under load",
         "",
@@ -377,77 +444,26 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
         "",
         "`bench/whatif.py`: in-process, one thread, CPU of this process only (the fake LLM "
         "runs elsewhere), fastest of 5 interleaved batches. No GIL contention, so this is "
-        "the floor of the service's own work; the \"proposed\" rows are statements the "
-        "service does not run, timed to put a number on the recommendations below.",
+        "the floor of the service's own work.",
         "",
         *(whatif.table(costs) if costs else ["Not run."]),
         "",
-        ANALYSIS,
+        "## Analysis (hand-written)",
+        "",
+        ANALYSIS_START,
+        analysis if analysis is not None else ANALYSIS_PLACEHOLDER,
+        ANALYSIS_END,
     ]
     return "\n".join(lines) + "\n"
 
 
-# Hand-written: what the figures above mean and what to change. Review after a
-# change to the service, gunicorn.conf.py or the pool defaults.
-ANALYSIS = """\
-## Analysis and sizing rule (hand-written, 2026-11-25; the figures above are regenerated)
+def ceiling_lines(result) -> list[str]:
+    if result is None:
+        return ["Not run."]
+    if isinstance(result, str):
+        return [result]
+    return ceiling.table(result)
 
-**Read the figures with care.** The two vCPUs are shared with PostgreSQL, the fake LLM and
-the load generator ("other load" counts the rest of the machine). The same scenario moves
-from run to run: on 2026-11-25, with the code as it is now, slow-200 gave 255-322 answers/s
-(0.64-0.81x of the floor) and fast-50 346-413 (0.29-0.45x). Compare the service with the
-forward-only floor of the same run, and
-settings only inside one `--sweep` run.
 
-**What was changed after the first measurements** (first run -> now, same scenarios):
-the engine runs in autocommit mode, so an answered send is 3 network round trips
-(reserve, context read, save) instead of 7 (each statement had a BEGIN and a COMMIT of
-its own); the context read and the save are prebuilt SQL instead of ORM statements built
-per call; the pool defaults to threads / 5 (30 + 10 per worker), which stopped the
-connection churn (hundreds of new PostgreSQL connections per 10 s at 0 ms upstream,
-now 0); threads default to 150 per worker. Effect: single-thread CPU of one send
-2.6 -> 2.0-2.6 ms (it varies with the machine's state), slow-200 210 -> 255-322 answers/s
-(0.53x -> 0.64-0.81x of the floor),
-fast-50 303 -> 346-413, own time at 20 clients 6.7 -> 3.5-4.0 ms p50.
-
-**Targets not met, and why.**
-
-- *200 clients, >= 0.8x forward-only*: 0.64-0.81x over the runs (0.78x in the run above). At 200
-  clients both workers are CPU/GIL-bound: ~4 ms of gunicorn CPU per answer against
-  ~2 ms for the floor. With `WEB_CONCURRENCY=4 GUNICORN_THREADS=75` one sweep reached
-  364 answers/s (0.92x): more GILs on the same two cores, at ~100 MiB per extra worker
-  and a worse quota/save p99; the default stays at one worker per core.
-- *0 ms upstream, >= 0.6x forward-only*: 0.29-0.45x. The floor spends ~1 ms of CPU per
-  answer (JSON in, openai SDK, JSON out); the service ~2-2.6 ms single-threaded, ~3.3-4 ms
-  under load: Flask + flask-smorest + marshmallow (~0.3 ms), the SQLAlchemy session and
-  execution machinery for 3 statements (~0.35 ms), the Server-Timing, metrics and log
-  hooks (~0.1 ms), and GIL hand-offs after each round trip. 0.6x would need roughly
-  halving that, e.g. dropping the ORM session for raw driver calls - not worth the
-  loss of the stack's conventions for a case (an LLM answering in 0 ms) that does not
-  exist in production.
-- *overhead p50 <= 5 ms at 20 clients*: the service's own time (Server-Timing
-  total - llm) is 3.5-4.0 ms p50 (met); measured from the client, which adds gunicorn's
-  accept/parse and the loopback hop, 5.2-6.2 ms (not met by a millisecond).
-- *quota and save <= 2 ms p99*: p50 is ~1-1.3 ms each; p99 5-8 ms at 20 clients. The
-  tail is waiting for the GIL after the round trip while other threads parse LLM
-  answers (the switch interval is 5 ms; a 1 ms interval, tried once in the
-  workers, was no better). A single CTE for reserve + context
-  (PostgreSQL only, the "proposed" row above) would save one more round trip.
-
-**Sizing rule** (defaults: 2 workers x 150 threads, pool 30 + 10 per worker):
-
-- *workers* = cores. A worker is one GIL; more workers than cores buy throughput at
-  saturation (above) for ~100 MiB RSS each.
-- *threads per worker* >= 1.5 x in-flight sends per worker, where in-flight =
-  answers/s x LLM latency (Little's law): 200 in flight at 400/s x 0.5 s -> 2 x 150.
-  The 1.5 covers the uneven split of keep-alive connections between workers. A 2-core
-  box serves ~100 concurrent chats per core at a 0.5 s LLM and proportionally more at
-  the seconds real models take (the work per answer does not grow with latency).
-- *DB pool per worker*: `pool_size` ~ threads / 5, `max_overflow` 10, and
-  instances x workers x (pool_size + max_overflow) <= PostgreSQL `max_connections` - 10
-  (one instance: 2 x 40 = 80 of 100; for two, raise `max_connections` as
-  docker-compose.yml does rather than shrinking the pool and churning connections).
-- *timeouts*: `pool_timeout` 5 s was never reached; worker `timeout` = LLM_DEADLINE +
-  15 s, `graceful_timeout` = LLM_DEADLINE + 5 s, `keepalive` 5 s.
-- *memory*: ~100-115 MiB RSS per worker under load, flat over 20k sends (leak run).
-"""
+def index_lines(result) -> list[str]:
+    return indexes.table(result)

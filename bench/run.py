@@ -1,12 +1,24 @@
 """`make bench`: measure the service against the forward-only floor and write RESULTS.md.
 
 Usage: ``python -m bench.run [--quick] [--scenario NAME ...] [--duration S]
-[--set KEY=VALUE ...] [--sweep 'KEY=VALUE ...' ...] [--output PATH]``.
+[--repeat N] [--set KEY=VALUE ...] [--sweep 'KEY=VALUE ...' ...] [--output PATH]``.
 
-A full run (none of --quick, --scenario, --duration, --set) rewrites bench/RESULTS.md;
-any other run writes bench/out/results.md (a sweep bench/out/sizing.md) unless
---output names a file, so a smoke check or an experiment never overwrites the
-recorded figures. Every scenario prints its line as it finishes.
+A full run (none of --quick, --scenario, --duration, --set) rewrites bench/RESULTS.md,
+keeping its hand-written analysis; any other run writes bench/out/results.md (a
+sweep bench/out/sizing.md) unless --output names a file, so a smoke check or an
+experiment never overwrites the recorded figures. Every scenario prints its line
+as it finishes.
+
+Order: the HTTP scenarios, each app's server in turn (never two at once: they
+would share PostgreSQL's 100 connections and the two cores); --repeat more
+rounds of the service/forward-only pairs whose ratios are targets (the report
+takes the median); the profile; the single-thread costs (whatif); then, on
+the same scratch database loaded with a million exchanges, the pgbench
+ceiling (bench/ceiling.py) and the index measurements (bench/indexes.py).
+Names for --scenario: every scenario of bench/scenarios.py, ``profile``,
+``whatif``, ``pgbench`` and ``indexes``. The last two also run alone, each on
+a scratch database of its own: ``python -m bench.ceiling``, ``python -m
+bench.indexes``.
 """
 
 from __future__ import annotations
@@ -14,23 +26,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import pyspy, report, scenarios, system, whatif
-from bench.loadgen import run_load
+from bench import ceiling, indexes, pyspy, report, scenarios, system, whatif
+from bench.loadgen import raise_open_files, run_load
 from bench.servers import BenchDatabase, FakeLLMProcess, GunicornProcess, max_connections
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
 RESULTS = BENCH_DIR / "RESULTS.md"
 
-# The leak run stops here even if its requests are not all sent (a slow machine):
-# `make bench` must stay under five minutes.
-LEAK_LIMIT_S = 110.0
-NAMES = [s.name for s in scenarios.PLAN] + [scenarios.PROFILE.name, "whatif"]
+# The leak run stops here even if its requests are not all sent (a slow machine;
+# the report says how many it made): `make bench` must stay within ~12 minutes.
+LEAK_LIMIT_S = 90.0
+# Ratios of a full run are medians of this many rounds (--repeat).
+FULL_REPEAT = 3
+DATABASE_STEPS = ("pgbench", "indexes")
+NAMES = [s.name for s in scenarios.PLAN] + [scenarios.PROFILE.name, "whatif", *DATABASE_STEPS]
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -47,7 +63,15 @@ def _parse_args(argv):
         "--scenario", action="append", choices=NAMES, metavar="NAME",
         help=f"run only this scenario (repeatable): {', '.join(NAMES)}",
     )
-    parser.add_argument("--duration", type=float, help="measured seconds per timed scenario")
+    parser.add_argument("--duration", type=float,
+                        help="measured seconds per timed scenario (default 10; 20 for the "
+                        "1000-client ones)")
+    parser.add_argument(
+        "--repeat", type=int, metavar="N",
+        help="rounds of the service/forward-only pairs "
+        f"{', '.join(map('/'.join, scenarios.PAIRS))} (default {FULL_REPEAT} in a full run, "
+        "else 1); the report takes the median ratio",
+    )
     parser.add_argument(
         "--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
         help="environment of both gunicorns, e.g. WEB_CONCURRENCY=3 or DB_POOL_SIZE=20",
@@ -62,13 +86,17 @@ def _parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _wanted(args, name: str) -> bool:
+    return not args.scenario or name in args.scenario
+
+
 def _plan(args) -> list[scenarios.Scenario]:
     """The scenarios asked for, in PLAN order (--quick shortens the leak run)."""
-    chosen = [s for s in scenarios.PLAN if not args.scenario or s.name in args.scenario]
+    chosen = [s for s in scenarios.PLAN if _wanted(args, s.name)]
     if args.quick:
         chosen = [dataclasses.replace(s, leak_requests=3000) if s.leak_requests else s
                   for s in chosen]
-    if not args.scenario or scenarios.PROFILE.name in args.scenario:
+    if _wanted(args, scenarios.PROFILE.name):
         chosen.append(scenarios.PROFILE)
     return chosen
 
@@ -102,20 +130,36 @@ class Runner:
 
     def __init__(self, database: BenchDatabase, quick: bool, duration: float | None):
         self.database = database
+        self.quick = quick
         self.warmup = 1.0 if quick else 2.0
-        self.duration = duration or (3.0 if quick else 10.0)
+        self.duration = duration
         self.profile_s = 4.0 if quick else 10.0
-        self.llms: dict[float, FakeLLMProcess] = {}
+        self.llms: dict[scenarios.Upstream, FakeLLMProcess] = {}
         self.failures: dict[str, str] = {}
         self.profile = None
         self.runs = 0
+        self.began = time.monotonic()
 
-    def llm(self, latency: float) -> FakeLLMProcess:
-        if latency not in self.llms:
-            self.llms[latency] = FakeLLMProcess(latency, OUT_DIR)
-        return self.llms[latency]
+    def say(self, text: str) -> None:
+        """A console line, stamped with the seconds since the run began."""
+        print(f"[{time.monotonic() - self.began:4.0f} s] {text}", flush=True)
 
-    def run(self, plan, settings: dict) -> dict[str, scenarios.Measured]:
+    def window(self, scenario: scenarios.Scenario) -> float:
+        """Measured seconds: --duration, else the scenario's own, else 10 (--quick: less)."""
+        if self.duration:
+            return self.duration
+        if scenario.window:
+            return min(scenario.window, 8.0) if self.quick else scenario.window
+        return 3.0 if self.quick else 10.0
+
+    def llm(self, upstream: scenarios.Upstream) -> FakeLLMProcess:
+        # One fake per kind of answer, kept for the whole run: it holds no state
+        # a scenario could leave behind.
+        if upstream not in self.llms:
+            self.llms[upstream] = FakeLLMProcess(upstream, OUT_DIR)
+        return self.llms[upstream]
+
+    def run(self, plan, settings: dict, label: str = "") -> dict[str, scenarios.Measured]:
         """``settings`` as report.settings gives them (overrides, gunicorn values)."""
         measured: dict[str, scenarios.Measured] = {}
         groups: dict[tuple, list[scenarios.Scenario]] = {}
@@ -123,7 +167,7 @@ class Runner:
             groups.setdefault(scenario.server_key(), []).append(scenario)
         for members in groups.values():
             first = members[0]
-            llm = self.llm(first.latency)
+            llm = self.llm(first.upstream)
             env = {**scenarios.service_env(self.database.url, llm.url),
                    **settings["overrides"], **dict(first.env)}
             server = GunicornProcess(first.module, env, settings["gunicorn"], OUT_DIR, first.name)
@@ -131,19 +175,19 @@ class Runner:
                 server.start()
             except RuntimeError as error:
                 # One broken configuration must not cost the other figures.
-                self.failures[", ".join(s.name for s in members)] = str(error)[-1500:]
-                print(f"bench: {str(error)[-300:]}", flush=True)
+                self.failures[", ".join(s.name for s in members) + label] = str(error)[-1500:]
+                self.say(f"bench: {str(error)[-300:]}")
                 continue
             try:
                 for scenario in members:
                     result = self._measure(scenario, server, llm)
                     if result is not None:
                         measured[scenario.name] = result
-                        print(report.console_line(result.figures), flush=True)
+                        self.say(report.console_line(result.figures) + label)
             finally:
                 server.stop()
             if "Traceback" in server.log()[-20000:]:
-                print(f"bench: errors in {server.log_path}", flush=True)
+                self.say(f"bench: errors in {server.log_path}")
         return measured
 
     def _measure(self, scenario, server, llm) -> scenarios.Measured | None:
@@ -153,51 +197,93 @@ class Runner:
         self.database.truncate()
         if scenario is scenarios.PROFILE:
             self.profile = _profile(server, self.profile_s, first_id)
-            print("bench: profile done", flush=True)
+            self.say("bench: profile done")
             return None
-        system.wait_quiet(limit=3.0)
+        system.wait_quiet(limit=2.0)
+        warmup = scenario.warmup(self.warmup)
         if scenario.leak_requests:
-            return scenarios.run_leak(scenario, server, llm, self.database, self.warmup,
+            return scenarios.run_leak(scenario, server, llm, self.database, warmup,
                                       first_id, LEAK_LIMIT_S)
-        return scenarios.run_timed(scenario, server, llm, self.database, self.warmup,
-                                   self.duration, first_id)
+        return scenarios.run_timed(scenario, server, llm, self.database, warmup,
+                                   self.window(scenario), first_id)
 
     def close(self) -> None:
         for llm in self.llms.values():
             llm.stop()
+        self.llms.clear()
+
+
+def _repeat(runner: Runner, measured: dict, settings: dict, rounds: int) -> None:
+    """More rounds of the pairs measured in full, into each one's ``repeats``."""
+    names = {name for pair in scenarios.PAIRS if all(n in measured for n in pair)
+             for name in pair}
+    again = [s for s in scenarios.PLAN if s.name in names]
+    for number in range(2, rounds + 1):
+        if not again:
+            return
+        for name, result in runner.run(again, settings, f" (round {number})").items():
+            measured[name].repeats.append(result.figures)
+
+
+def _database_side(args, database: BenchDatabase, say):
+    """The pgbench ceiling and the index measurements, on one loaded database."""
+    if not any(_wanted(args, name) for name in DATABASE_STEPS):
+        return None, None
+    database.truncate()
+    setup = ceiling.prepare(database)
+    say(f"bench: database loaded: {setup}")
+    ceiling_result = index_result = None
+    if _wanted(args, "pgbench"):
+        ceiling_result = ceiling.run(database, setup, 3.0 if args.quick else 10.0)
+    if _wanted(args, "indexes"):
+        index_result = indexes.run(database, setup)
+    return ceiling_result, index_result
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
     began = time.monotonic()
     OUT_DIR.mkdir(exist_ok=True)
+    # The service's defaults, not whatever a developer's .env sets (--set is for that).
+    os.environ.setdefault("AI_CHAT_ENV_FILE", os.devnull)
+    files_before, files_now = raise_open_files(scenarios.OPEN_FILES)
     overrides = dict(args.set)
     partial = args.quick or args.scenario or args.set or args.duration
+    repeat = args.repeat or (1 if partial else FULL_REPEAT)
     calibration = [system.calibrate()]
     # Every setting is checked (by gunicorn.conf.py and app.config) before a run starts.
     connections = max_connections()
     settings = report.settings(overrides, connections)
+    settings["open_files"] = (files_before, files_now)
     sweeps = [(" ".join(f"{k}={v}" for k, v in sweep.items()) or "(defaults)",
                report.settings({**overrides, **sweep}, connections)) for sweep in args.sweep or ()]
     database = BenchDatabase()
     runner = Runner(database, args.quick, args.duration)
-    print(f"bench: database {database.name}; {settings['summary']}", flush=True)
-    costs = None
+    print(f"bench: database {database.name}; {settings['summary']}; open files "
+          f"{files_before} -> {files_now}", flush=True)
+    costs = ceiling_result = index_result = None
     try:
         if sweeps:
             return _sweep(runner, args, sweeps, began)
         measured = runner.run(_plan(args), settings)
-        if not args.scenario or "whatif" in args.scenario:
-            costs = whatif.run(database.url, runner.llm(0.0).url, 200 if args.quick else 1000)
-            print("bench: single-thread costs done", flush=True)
+        _repeat(runner, measured, settings, repeat)
+        if _wanted(args, "whatif"):
+            costs = whatif.run(database.url, runner.llm(scenarios.FAST).url,
+                               200 if args.quick else 1000)
+            runner.say("bench: single-thread costs done")
+        runner.close()
+        ceiling_result, index_result = _database_side(args, database, runner.say)
     finally:
         runner.close()
         database.drop()
     settings["calibration_ms"] = [*calibration, system.calibrate()]
     elapsed = time.monotonic() - began
-    text = report.render(measured, runner.profile, settings, elapsed, quick=args.quick,
-                         failures=runner.failures, costs=costs)
     output = args.output or (OUT_DIR / "results.md" if partial else RESULTS)
+    previous = output.read_text() if output.exists() else ""
+    text = report.render(measured, runner.profile, settings, elapsed, quick=args.quick,
+                         failures=runner.failures, costs=costs, ceiling=ceiling_result,
+                         indexes=index_result, repeat=repeat,
+                         analysis=report.kept_analysis(previous))
     output.write_text(text)
     print(f"bench: {len(measured)} scenarios in {elapsed:.0f}s; wrote {output}", flush=True)
     print(report.targets_block(measured), flush=True)

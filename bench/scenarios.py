@@ -1,4 +1,11 @@
-"""The scenarios of `make bench` and how one is driven and measured."""
+"""The scenarios of `make bench` and how one is driven and measured.
+
+Every scenario runs the service at its defaults (LOG_LEVEL=INFO, threads and
+pool as app/config.py sets them) unless its ``env`` says otherwise; only
+fast-50-warning turns the request log line off, to show what it costs. The
+forward-only app (bench/forward_app.py) is the floor of a scenario of the
+same name with ``fwd-`` in front, under the same gunicorn settings.
+"""
 
 from __future__ import annotations
 
@@ -9,48 +16,98 @@ from dataclasses import dataclass, field
 
 from bench import system
 from bench.loadgen import run_load
-from bench.servers import FakeLLMProcess, GunicornProcess
+from bench.servers import FakeLLMProcess, GunicornProcess, Upstream
 from bench.stats import Figures, summarise
 
 SERVICE = "wsgi:app"
 FORWARD = "bench.forward_app:app"
 API_KEY = "bench-key"
 
+SLOW = Upstream(0.5)
+FAST = Upstream(0.0)
+# A real model: 5 s for a whole answer.
+REAL = Upstream(5.0)
+# A real model, streamed: the first token after 500 ms, then 200 pieces over
+# 4.5 s (800 characters), as tests/fake_llm.py's docstring suggests.
+STREAMED = Upstream(0.5, pieces=200, chunk_delay=0.0225, answer_chars=800)
+
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     app: str  # "service" or "forward"
-    latency: float  # seconds the fake LLM takes per answer
+    upstream: Upstream
     clients: int
     env: tuple[tuple[str, str], ...] = ()
     leak_requests: int = 0  # > 0: a leak run of that many requests instead of a timed one
+    stream: bool = False  # POST /v1/chat/stream, read as Server-Sent Events
+    # Seconds over which the clients start, one after another. One whole answer
+    # of the model spreads their loops evenly over its cycle, so a window
+    # counts the same answers whatever its phase.
+    ramp: float = 0.0
+    window: float | None = None  # measured seconds (None: the run's default)
     description: str = ""
 
     @property
     def module(self) -> str:
         return SERVICE if self.app == "service" else FORWARD
 
+    @property
+    def latency(self) -> float:
+        """Seconds the model takes to its first (or only) token."""
+        return self.upstream.latency
+
     def server_key(self) -> tuple:
         """Scenarios with the same key share one gunicorn (started once)."""
-        return (self.app, self.latency, self.env)
+        return (self.app, self.upstream, self.env)
 
+    @property
+    def drain(self) -> float:
+        """Seconds the answers in flight at the end of the window may still take:
+        two whole answers of the model (an overloaded server's p99) and 2 s;
+        later ones are cut, so that a collapsing server does not make the run
+        wait for every client's timeout."""
+        return 2 * self.upstream.answer_s + 2.0
+
+    def warmup(self, least: float) -> float:
+        """Seconds before the window: at least ``least``, and past the ramp and
+        one whole answer after it, so that every client is in its steady loop."""
+        return max(least, self.ramp + self.upstream.answer_s + 1.0)
+
+
+WARNING = (("LOG_LEVEL", "WARNING"),)
 
 PLAN = (
-    Scenario("slow-20", "service", 0.5, 20, description="service overhead at light load"),
-    Scenario("slow-50", "service", 0.5, 50, description="target 1"),
-    Scenario("slow-200", "service", 0.5, 200, description="target 2"),
-    Scenario("fwd-slow-50", "forward", 0.5, 50, description="floor for slow-50"),
-    Scenario("fwd-slow-200", "forward", 0.5, 200, description="floor for slow-200"),
-    Scenario("fast-50", "service", 0.0, 50, description="CPU-bound, target 3"),
-    Scenario("leak", "service", 0.0, 50, leak_requests=20_000, description="RSS over 20k sends"),
-    Scenario("fwd-fast-50", "forward", 0.0, 50, description="floor for fast-50"),
-    Scenario(
-        "fast-50-info", "service", 0.0, 50, env=(("LOG_LEVEL", "INFO"),),
-        description="fast-50 with the per-request INFO log line",
-    ),
+    Scenario("slow-20", "service", SLOW, 20, description="service overhead at light load"),
+    Scenario("slow-50", "service", SLOW, 50, description="target 1"),
+    Scenario("slow-200", "service", SLOW, 200, description="target 2"),
+    Scenario("fwd-slow-50", "forward", SLOW, 50, description="floor for slow-50"),
+    Scenario("fwd-slow-200", "forward", SLOW, 200, description="floor for slow-200"),
+    Scenario("fast-50", "service", FAST, 50, description="CPU-bound, target 3"),
+    Scenario("leak", "service", FAST, 50, leak_requests=20_000, description="RSS over 20k sends"),
+    Scenario("fwd-fast-50", "forward", FAST, 50, description="floor for fast-50"),
+    Scenario("fast-50-warning", "service", FAST, 50, env=WARNING,
+             description="fast-50 without the per-request INFO log line"),
+    Scenario("real-1000", "service", REAL, 1000, ramp=5.0, window=20.0,
+             description="a real evening: 1000 chats, a 5 s model"),
+    Scenario("fwd-real-1000", "forward", REAL, 1000, ramp=5.0, window=20.0,
+             description="floor for real-1000"),
+    Scenario("stream-5", "service", STREAMED, 5, stream=True, ramp=5.0, window=10.0,
+             description="first delta of a stream at low concurrency"),
+    Scenario("stream-1000", "service", STREAMED, 1000, stream=True, ramp=5.0, window=20.0,
+             description="1000 concurrent streams"),
+    Scenario("fwd-stream-5", "forward", STREAMED, 5, stream=True, ramp=5.0, window=10.0,
+             description="floor for stream-5"),
+    Scenario("fwd-stream-1000", "forward", STREAMED, 1000, stream=True, ramp=5.0, window=20.0,
+             description="floor for stream-1000"),
 )
-PROFILE = Scenario("profile", "service", 0.0, 50, description="py-spy on the workers")
+PROFILE = Scenario("profile", "service", FAST, 50, description="py-spy on the workers")
+# (service, forward-only) pairs whose ratios the targets judge; with --repeat N
+# each pair runs N times and the report takes the median ratio.
+PAIRS = (("slow-50", "fwd-slow-50"), ("slow-200", "fwd-slow-200"), ("fast-50", "fwd-fast-50"))
+# Open files the run needs at most: the load generator's sockets, and as many
+# again in the workers (clients + upstream) and in the fake LLM.
+OPEN_FILES = 16_384
 
 
 def service_env(database_url: str, llm_url: str) -> dict:
@@ -63,8 +120,9 @@ def service_env(database_url: str, llm_url: str) -> dict:
         # Fresh users per request: the limit never bites, but stays on (headers).
         "DAILY_LIMIT": "1000000",
         "USER_CONTEXT_URL": "",
-        # The per-request INFO line is measured on its own (fast-50-info).
-        "LOG_LEVEL": "WARNING",
+        # The default, said out loud: tests.servers.Gunicorn, which starts the
+        # servers, would otherwise set WARNING.
+        "LOG_LEVEL": "INFO",
     }
 
 
@@ -72,6 +130,8 @@ def service_env(database_url: str, llm_url: str) -> dict:
 class Measured:
     figures: Figures
     rss_points: list[tuple[str, list[float]]] = field(default_factory=list)
+    # Every run of the scenario (--repeat), the first included.
+    repeats: list[Figures] = field(default_factory=list)
 
 
 def _groups(server: GunicornProcess, llm: FakeLLMProcess) -> dict[str, list[int]]:
@@ -90,42 +150,58 @@ def _worker_rss(server: GunicornProcess) -> list[float]:
     return [system.rss_mib(pid) for pid in server.workers()]
 
 
+def _memory(server: GunicornProcess) -> tuple[float, float]:
+    """RSS and PSS summed over the master and its workers (MiB)."""
+    pids = server.pids()
+    return sum(system.rss_mib(pid) for pid in pids), sum(system.pss_mib(pid) for pid in pids)
+
+
 async def _timed(scenario, server, llm, database, warmup, duration, first_id):
-    """Closed loop for warmup + duration; CPU snapshots bracket the window."""
+    """Closed loop for warmup + duration; CPU snapshots bracket the window, and
+    the service's memory is read at its end."""
     host, port = "127.0.0.1", server.port
     start = time.perf_counter()
     window = (start + warmup, start + warmup + duration)
     snapshots = []
     sessions = []
+    memory = []
 
     async def sampler():
         for moment in window:
             await asyncio.sleep(max(0.0, moment - time.perf_counter()))
             snapshots.append(system.snapshot(time.perf_counter(), _groups(server, llm)))
             sessions.append(database.sessions())
+        memory.append(_memory(server))
 
     sampling = asyncio.create_task(sampler())
     result = await run_load(
-        host, port, API_KEY, scenario.clients, first_id=first_id, duration=warmup + duration
+        host, port, API_KEY, scenario.clients, first_id=first_id, duration=warmup + duration,
+        stream=scenario.stream, ramp=scenario.ramp, drain=scenario.drain,
     )
     await sampling
     cpu = system.cpu_between(snapshots[0], snapshots[1])
     window = (snapshots[0].at, snapshots[1].at)
-    return result, window, cpu, sessions[1] - sessions[0]
+    return result, window, cpu, sessions[1] - sessions[0], memory[0]
+
+
+def _figures(scenario: Scenario, window_s: float, warmup: float) -> Figures:
+    return Figures(
+        scenario.name, scenario.app, scenario.latency * 1000, scenario.clients, window_s,
+        stream=scenario.stream, answer_ms=scenario.upstream.answer_s * 1000,
+        warmup_s=warmup, ramp_s=scenario.ramp,
+    )
 
 
 def run_timed(scenario, server, llm, database, warmup, duration, first_id) -> Measured:
-    result, window, cpu, new_sessions = asyncio.run(
+    result, window, cpu, new_sessions, memory = asyncio.run(
         _timed(scenario, server, llm, database, warmup, duration, first_id)
     )
-    figures = Figures(
-        scenario.name, scenario.app, scenario.latency * 1000, scenario.clients,
-        window[1] - window[0],
-    )
+    figures = _figures(scenario, window[1] - window[0], warmup)
     summarise(figures, result, window, cpu)
     figures.worker_rss_mib = _worker_rss(server)
+    figures.service_rss_mib, figures.service_pss_mib = memory
     figures.new_db_connections = new_sessions
-    return Measured(figures)
+    return Measured(figures, repeats=[figures])
 
 
 def run_leak(scenario, server, llm, database, warmup, first_id, limit: float) -> Measured:
@@ -155,11 +231,10 @@ def run_leak(scenario, server, llm, database, warmup, first_id, limit: float) ->
     )
     after = system.snapshot(time.perf_counter(), _groups(server, llm))
     points.append(("end", _worker_rss(server)))
-    figures = Figures(
-        scenario.name, scenario.app, scenario.latency * 1000, scenario.clients, after.at - before.at
-    )
+    figures = _figures(scenario, after.at - before.at, warmup)
     summarise(figures, result, (before.at, after.at), system.cpu_between(before, after))
     figures.worker_rss_mib = points[-1][1]
+    figures.service_rss_mib, figures.service_pss_mib = _memory(server)
     figures.new_db_connections = database.sessions() - sessions
     figures.extra["requests"] = result.sent
-    return Measured(figures, points)
+    return Measured(figures, points, repeats=[figures])

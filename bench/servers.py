@@ -7,29 +7,74 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 
 from bench import system
+from bench.loadgen import MESSAGE
 from tests.servers import ROOT, VENV_BIN, Gunicorn, free_port, wait_until_up
 
 ADMIN_DSN = os.environ.get("BENCH_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres")
 TABLES = ("ai_chat_idempotency_keys", "ai_chat_requests", "ai_chat_daily_limits")
+# A stored exchange of the loaded history: the bench's question and a
+# 160-character answer (no semicolons: bench/ceiling.py puts these texts into
+# pgbench scripts, where a semicolon ends a command).
+HISTORY_MESSAGE = MESSAGE
+HISTORY_RESPONSE = "Ответ: " + "поднимите рейтинг, ответьте на отзывы, " * 4
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """How the fake LLM answers: the whole answer after ``latency`` seconds, or,
+    streamed, the first piece after ``latency`` and ``pieces`` pieces in all,
+    ``chunk_delay`` seconds apart (tests/fake_llm.py)."""
+
+    latency: float
+    pieces: int | None = None
+    chunk_delay: float = 0.0
+    answer_chars: int | None = None
+
+    @property
+    def answer_s(self) -> float:
+        """Seconds from the model's start to its last piece."""
+        return self.latency + ((self.pieces or 1) - 1) * self.chunk_delay
+
+    @property
+    def label(self) -> str:
+        if self.pieces is None:
+            return f"{self.latency:g}"
+        return f"{self.latency:g}-{self.pieces}x{self.chunk_delay:g}"
+
+    def arguments(self) -> list[str]:
+        arguments = ["--latency", str(self.latency)]
+        if self.pieces is not None:
+            arguments += ["--stream-pieces", str(self.pieces),
+                          "--chunk-delay", str(self.chunk_delay)]
+        if self.answer_chars is not None:
+            arguments += ["--answer-chars", str(self.answer_chars)]
+        return arguments
 
 
 class FakeLLMProcess:
-    """``python -m tests.fake_llm`` in its own process: no GIL shared with the load."""
+    """``python -m tests.fake_llm`` in its own process: no GIL shared with the load.
 
-    def __init__(self, latency: float, log_dir: Path):
+    Its server takes a thread per connection and queues 1024 connections
+    (tests/fake_llm.py), which a thousand concurrent model calls need.
+    """
+
+    def __init__(self, upstream: Upstream, log_dir: Path):
         port = free_port()
+        self.upstream = upstream
         self.url = f"http://127.0.0.1:{port}/v1"
-        with open(log_dir / f"fake-llm-{latency:g}.log", "wb") as log:
+        with open(log_dir / f"fake-llm-{upstream.label}.log", "wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tests.fake_llm", "--port", str(port),
-                 "--latency", str(latency)],
+                 *upstream.arguments()],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
             )
         try:
@@ -103,6 +148,47 @@ class BenchDatabase:
         if done.returncode != 0:
             self.drop()
             raise RuntimeError(f"migration failed:\n{done.stdout}\n{done.stderr}")
+
+    def load_history(self, rows: int, users: int, days: int) -> float:
+        """``rows`` exchanges of users 1..``users`` (round robin, so a user's rows
+        lie all over the table, as years of traffic leave them), created evenly
+        over the last ``days`` days, oldest first (the lowest ids are the oldest
+        rows, as in production); then VACUUM ANALYZE. Returns the seconds it took.
+
+        The secondary indexes are dropped for the load and built again after
+        it, by their own definitions (pg_indexes): about twice as fast as
+        maintaining eight indexes row by row, and the result is the same.
+        """
+        started = time.perf_counter()
+        with closing(psycopg2.connect(f"{ADMIN_DSN} dbname={self.name}")) as connection:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = "
+                    "'ai_chat_requests' AND indexname <> 'ai_chat_requests_pkey'"
+                )
+                indexes = cursor.fetchall()
+                for name, _ in indexes:
+                    cursor.execute(f'DROP INDEX "{name}"')
+                cursor.execute("SET synchronous_commit = off")
+                cursor.execute(
+                    f"""
+                    INSERT INTO ai_chat_requests (telegram_id, user_id, message, response,
+                        tokens_used, request_date, created_at, model)
+                    SELECT n %% %(users)s + 1, NULL, %(message)s, %(response)s, 300,
+                           (at AT TIME ZONE 'Europe/Moscow')::date, at, 'gpt-4o-mini'
+                    FROM generate_series(1, %(rows)s) AS n, LATERAL (
+                        SELECT now() - interval '{int(days)} days'
+                               + n * interval '{int(days)} days' / %(rows)s
+                    ) AS t(at)
+                    """,
+                    {"users": users, "rows": rows, "message": HISTORY_MESSAGE,
+                     "response": HISTORY_RESPONSE},
+                )
+                for _, definition in indexes:
+                    cursor.execute(definition)
+                cursor.execute("VACUUM ANALYZE")
+        return time.perf_counter() - started
 
     def truncate(self) -> None:
         """Every scenario starts from empty tables."""

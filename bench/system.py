@@ -90,6 +90,20 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size in MiB: pages shared between the gunicorn master and
+    its workers (preload_app, copy-on-write) counted once across them, unlike RSS.
+    0 when the process is gone or the kernel has no smaps_rollup."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine since boot."""
     with open("/proc/stat") as handle:

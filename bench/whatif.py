@@ -1,16 +1,16 @@
-"""Single-thread CPU of one send and of its database work: what the service does
-today against what a leaner hot path would cost (`make bench` puts the table in
-RESULTS.md; alone: ``python -m bench.run --scenario whatif``).
+"""Single-thread CPU of one send and of its database work, against the
+forward-only floor (`make bench` puts the table in RESULTS.md; alone:
+``python -m bench.run --scenario whatif``).
 
 One thread, in-process, CPU time of this process only (time.process_time): no
 GIL contention and hardly any effect of other load on the machine, so small
 differences are visible. The fake LLM runs in its own process and does not
-count. The "proposed" rows are SQL the service does not run (yet); they exist
-to put a number on the recommendations in RESULTS.md.
+count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -21,24 +21,10 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import text
-
 from bench import scenarios
 from bench.loadgen import MESSAGE
 
 ANSWER = "Ответ: " + MESSAGE
-
-# Proposed: the reservation and the context read in one statement. The reserve
-# part is the service's own statement (app/chat/quota.py), wrapped in a CTE.
-_CONTEXT_JOIN = """
-SELECT r.request_count, c.message, c.response
-FROM reserved AS r
-LEFT JOIN LATERAL (
-    SELECT message, response, id FROM ai_chat_requests
-    WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :count
-) AS c ON true
-ORDER BY c.id
-"""
 
 
 @dataclass
@@ -108,19 +94,19 @@ def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
         metrics.HTTP_DURATION.labels("/v1/chat/send", "POST").observe(0.5)
         for phase in ("quota", "context", "llm", "save", "total"):
             metrics.PHASE_DURATION.labels(phase).observe(0.001)
-        metrics.LLM_REQUESTS.labels("ok").inc()
-        metrics.LLM_DURATION.observe(0.5)
-        metrics.LLM_TOKENS.inc(100)
+        metrics.LLM_REQUESTS.labels("gpt-4o-mini", "openai", "ok").inc()
+        metrics.LLM_DURATION.labels("gpt-4o-mini", "openai").observe(0.5)
+        metrics.LLM_TOKENS.labels("gpt-4o-mini", "openai").inc(100)
         metrics.QUOTA_RESERVATIONS.inc()
 
     return _compare([
-        ("one send through Flask, LOG_LEVEL=WARNING",
+        ("one send through Flask, LOG_LEVEL=INFO",
          lambda: _ok(service.post("/v1/chat/send", data=body(),
                                   headers={"X-API-KEY": scenarios.API_KEY})),
-         "new user; includes the openai SDK call"),
+         "new user; includes the openai SDK call and the request log line (to /dev/null)"),
         ("one send through the forward-only app",
          lambda: _ok(forward.post("/v1/chat/send", data=body())),
-         "the floor: JSON in, openai SDK call, JSON out"),
+         "the floor: JSON in, the openai client's post (as the service), JSON out"),
         ("GET /health through Flask", lambda: _ok(service.get("/health")),
          "framework + request hooks (id, metrics, log), no I/O"),
         ("the 11 metric updates of one send", metric_updates,
@@ -129,54 +115,37 @@ def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
 
 
 def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
-    from app import create_app
-    from app.chat import quota, send
-    from app.chat.quota import Day
-    from app.extensions import db
-    from app.llm import Completion
+    from app import create_app, sql
+    from app.chat import idempotency, quota
 
     app = create_app(scenarios.service_env(database_url, llm_url))
     ids = itertools.count(10_000_000)
     with app.app_context():
-        day = Day(now=datetime.now(UTC), timezone=app.config["TIMEZONE"])
-        context_count = app.config["CONTEXT_MESSAGES"]
-        autocommit = db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        config = app.config
+        day = quota.Day(now=datetime.now(UTC), timezone=config["TIMEZONE"])
 
-        def reserve_and_context_now():
-            telegram_id = next(ids)
-            quota.reserve_quota(telegram_id, day, 0)
-            send.recent_exchanges(telegram_id, context_count)
-            db.session.commit()
+        def reserve():
+            with sql.connection() as conn:
+                quota.reserve(conn, next(ids), day, config["DAILY_LIMIT"],
+                              config["CONTEXT_MESSAGES"])
 
-        completion = Completion(text=ANSWER, tokens=100)
-
-        def save_now():
-            command = send.SendCommand(telegram_id=next(ids), message=MESSAGE)
-            send._save(command, completion, day, None)
-            db.session.commit()
-
-        # Built on the service's own reserve statement, so it follows changes there.
-        combined = text(f"WITH reserved AS ({quota._RESERVE.text}) {_CONTEXT_JOIN}")
-        combined = combined.bindparams(*quota._DATE_PARAMS)
-
-        def reserve_and_context_proposed():
-            autocommit.execute(combined, {
-                "telegram_id": next(ids), "today": day.today, "now": day.now,
-                "cap": quota.UNLIMITED_CAP, "count": context_count,
-            }).all()
+        def save():
+            values = {"telegram_id": next(ids), "user_id": None, "message": MESSAGE,
+                      "response": ANSWER, "tokens_used": 100, "request_date": day.today,
+                      "created_at": day.now, "model": "gpt-4o-mini"}
+            with sql.connection() as conn:
+                conn.run(idempotency.SAVE, values)
 
         try:
             return _compare([
-                ("reserve + context read, as today", reserve_and_context_now,
-                 "autocommit session: INSERT … ON CONFLICT, SELECT = 2 round trips"),
-                ("reserve + context read, proposed", reserve_and_context_proposed,
-                 "one CTE statement (PostgreSQL only) = 1 round trip"),
-                ("save, as today", save_now,
-                 "one INSERT in autocommit mode = 1 round trip"),
+                ("reservation + context read", reserve,
+                 "app/chat/quota.py reserve(): one statement on a pooled DBAPI connection "
+                 "= 1 round trip"),
+                ("save", save, "idempotency.SAVE: one INSERT … RETURNING id = 1 round trip"),
             ], iterations)
         finally:
-            autocommit.close()
-            db.session.remove()
+            from app.extensions import db
+
             db.engine.dispose()
 
 
@@ -187,10 +156,16 @@ def run(database_url: str, llm_url: str, iterations: int = 1000) -> list[Cost]:
         owned = tempfile.mkdtemp(prefix="bench-whatif-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = owned
     try:
-        return (_send_costs(database_url, llm_url, iterations)
-                + _database_costs(database_url, llm_url, iterations))
+        # The service's default LOG_LEVEL=INFO writes a line per request to
+        # stdout: it costs its formatting and write here too, but not the console.
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return (_send_costs(database_url, llm_url, iterations)
+                    + _database_costs(database_url, llm_url, iterations))
     finally:
         if owned:
+            # Children started later (bench/indexes.py) must not inherit a
+            # directory that is gone.
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
             shutil.rmtree(owned, ignore_errors=True)
 
 

@@ -1,0 +1,222 @@
+"""The issues' targets judged on a run's figures: one line each, met / NOT met
+with the numbers, or "not measured" when the run did not include them.
+
+Ratios of the service to the forward-only floor are taken per round (the two
+apps run one after the other, so a round's pair saw the same machine) and
+the median over the rounds (--repeat) is judged.
+"""
+
+from __future__ import annotations
+
+from bench.stats import Figures, median
+
+# Performance at real model latencies.
+REAL_MIN_ANSWERS_PER_S = 180.0
+REAL_MAX_P99_MS = 6500.0
+MAX_SERVICE_RSS_MIB = 800.0
+REAL_MAX_PHASE_P99_MS = 10.0
+STREAM_TTFT_SLACK_MS = 150.0  # stream-1000: TTFT p99 <= the model's first token + this
+SINGLE_STREAM_SLACK_MS = 100.0  # stream-5: the first delta this soon after the model's
+MAX_CPU_RATIO = 1.5
+FAST_MIN_RATIO = 0.6
+# Earlier issues.
+SLOW50_MIN_ANSWERS_PER_S = 90.0
+SLOW50_MAX_P99_MS = 650.0
+SLOW200_MIN_RATIO = 0.8
+MAX_OVERHEAD_P50_MS = 5.0
+LIGHT_MAX_PHASE_P99_MS = 2.0
+# RSS growth from the middle to the end of the leak run that still counts as flat.
+LEAK_TOLERANCE_MIB = 2.0
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("**met**" if ok else "**NOT met**")
+
+
+def errors_text(f: Figures) -> str:
+    return ", ".join(f"{kind} {count}" for kind, count in sorted(f.errors.items())) or "none"
+
+
+def ratios(measured, service: str, forward: str) -> tuple[list[float], list[float]]:
+    """Per round: service answers/s ÷ forward-only's, and gunicorn CPU per answer
+    of the service ÷ forward-only's."""
+    if service not in measured or forward not in measured:
+        return [], []
+    answers, cpu = [], []
+    for s, f in zip(measured[service].repeats, measured[forward].repeats, strict=False):
+        if f.answers_per_s:
+            answers.append(s.answers_per_s / f.answers_per_s)
+        cs, cf = s.cpu_ms_per_answer.get("service"), f.cpu_ms_per_answer.get("service")
+        if cs and cf:
+            cpu.append(cs / cf)
+    return answers, cpu
+
+
+def rounds_text(values: list[float]) -> str:
+    """"0.52x (median of 0.49, 0.52, 0.60)", or one figure when there was one round."""
+    middle = median(values)
+    if len(values) < 2:
+        return f"{fmt(middle, 2)}x"
+    return f"{fmt(middle, 2)}x (median of {', '.join(f'{v:.2f}' for v in values)})"
+
+
+def leak_growth(m) -> list[float] | None:
+    points = dict(m.rss_points)
+    if "middle" not in points or "end" not in points:
+        return None
+    return [end - middle for middle, end in zip(points["middle"], points["end"], strict=False)]
+
+
+def _figures(measured, name: str) -> Figures | None:
+    return measured[name].figures if name in measured else None
+
+
+def real_latency_lines(measured) -> list[str]:
+    """The issue "Performance at real model latencies" (and the single stream's)."""
+    lines = []
+    f = _figures(measured, "real-1000")
+    floor = _figures(measured, "fwd-real-1000")
+    head = "- real-1000 (model 5 s, 1000 clients):"
+    if f is None:
+        lines.append(f"{head} {verdict(None)}")
+    else:
+        floor_text = (f"; forward-only {floor.answers_per_s:.1f}/s" if floor else "")
+        lines += [
+            f"{head} >= {REAL_MIN_ANSWERS_PER_S:.0f} answers/s — "
+            f"{verdict(f.answers_per_s >= REAL_MIN_ANSWERS_PER_S)} ({f.answers_per_s:.1f}/s "
+            f"of at most {fmt(f.bound_per_s)}/s = clients ÷ model time{floor_text})",
+            f"{head} p99 <= {REAL_MAX_P99_MS / 1000:.1f} s — "
+            f"{verdict(f.p99 is not None and f.p99 <= REAL_MAX_P99_MS)} "
+            f"(p50 {fmt(f.p50, 0)} ms, p99 {fmt(f.p99, 0)} ms)",
+            f"{head} zero errors — {verdict(f.error_count == 0)} ({errors_text(f)})",
+            f"{head} RSS of all the service's processes <= {MAX_SERVICE_RSS_MIB:.0f} MiB — "
+            f"{verdict(f.service_rss_mib is not None and f.service_rss_mib <= MAX_SERVICE_RSS_MIB)}"
+            f" ({fmt(f.service_rss_mib, 0)} MiB RSS, {fmt(f.service_pss_mib, 0)} MiB PSS, "
+            "master + workers at the end of the window)",
+        ]
+        for phase in ("quota", "save"):
+            value = f.phases_p99.get(phase)
+            lines.append(
+                f"{head} {phase} p99 <= {REAL_MAX_PHASE_P99_MS:.0f} ms (Server-Timing) — "
+                f"{verdict(None if value is None else value <= REAL_MAX_PHASE_P99_MS)} "
+                f"({fmt(value)} ms; p50 {fmt(f.phases_p50.get(phase))} ms)"
+            )
+    f = _figures(measured, "stream-1000")
+    if f is None:
+        lines.append(f"- stream-1000: TTFT p99 <= model's first token + "
+                     f"{STREAM_TTFT_SLACK_MS:.0f} ms — {verdict(None)}")
+    else:
+        limit = f.upstream_ms + STREAM_TTFT_SLACK_MS
+        lines.append(
+            f"- stream-1000 (first token 500 ms, 200 pieces over 4.5 s, 1000 streams): "
+            f"TTFT p99 <= {limit:.0f} ms — "
+            f"{verdict(f.ttft_p99 is not None and f.ttft_p99 <= limit)} (TTFT p50 "
+            f"{fmt(f.ttft_p50, 0)} ms, p99 {fmt(f.ttft_p99, 0)} ms; {f.answers_per_s:.1f} "
+            f"streams/s of at most {fmt(f.bound_per_s)}/s; errors: {errors_text(f)}; RSS "
+            f"{fmt(f.service_rss_mib, 0)} MiB)"
+        )
+    f = _figures(measured, "stream-5")
+    p50, p99 = f.first_delta_after_model if f else (None, None)
+    lines.append(
+        f"- stream-5 (single-stream figure): first delta within "
+        f"{SINGLE_STREAM_SLACK_MS:.0f} ms of the model's first token (median stream) — "
+        f"{verdict(None if p50 is None else p50 <= SINGLE_STREAM_SLACK_MS)}"
+        + (f" (+{fmt(p50, 0)} ms median, +{fmt(p99, 0)} ms p99, "
+           f"+{fmt(f.ttft_max - f.upstream_ms if f.ttft_max else None, 0)} ms max over "
+           f"{f.answers} streams)" if p50 is not None else "")
+    )
+    return lines
+
+
+def cpu_lines(measured) -> list[str]:
+    """CPU per answer and throughput against the forward-only floor (medians of rounds)."""
+    lines = []
+    for service, forward in (("fast-50", "fwd-fast-50"), ("slow-50", "fwd-slow-50"),
+                             ("slow-200", "fwd-slow-200")):
+        _, cpu = ratios(measured, service, forward)
+        ok = None if not cpu else median(cpu) <= MAX_CPU_RATIO
+        figures = ""
+        if cpu:
+            costs = [median([r.cpu_ms_per_answer.get("service") for r in measured[name].repeats])
+                     for name in (service, forward)]
+            figures = (f" ({rounds_text(cpu)}; {fmt(costs[0], 2)} vs {fmt(costs[1], 2)} "
+                       "ms median)")
+        lines.append(f"- gunicorn CPU per answer at INFO <= {MAX_CPU_RATIO}x forward-only, "
+                     f"{service}: {verdict(ok)}{figures}")
+    answers, _ = ratios(measured, "fast-50", "fwd-fast-50")
+    ok = None if not answers else median(answers) >= FAST_MIN_RATIO
+    lines.append(
+        f"- upstream 0 ms, 50 clients (CPU-bound): answers/s >= {FAST_MIN_RATIO}x "
+        f"forward-only — {verdict(ok)}" + (f" ({rounds_text(answers)})" if answers else "")
+    )
+    return lines
+
+
+def earlier_lines(measured) -> list[str]:
+    lines = []
+    f = _figures(measured, "slow-50")
+    ok = None if not f else (f.answers_per_s >= SLOW50_MIN_ANSWERS_PER_S
+                             and (f.p99 or 1e9) <= SLOW50_MAX_P99_MS and f.error_count == 0)
+    lines.append(
+        f"- upstream 500 ms, 50 clients: >= {SLOW50_MIN_ANSWERS_PER_S:.0f} answers/s, p99 <= "
+        f"{SLOW50_MAX_P99_MS:.0f} ms, zero errors — {verdict(ok)}"
+        + (f" ({f.answers_per_s:.1f} answers/s, p99 {fmt(f.p99)} ms, "
+           f"{f.error_count} errors)" if f else "")
+    )
+    f = _figures(measured, "slow-200")
+    answers, _ = ratios(measured, "slow-200", "fwd-slow-200")
+    ok = None if not f or not answers else (f.error_count == 0
+                                            and median(answers) >= SLOW200_MIN_RATIO)
+    lines.append(
+        f"- upstream 500 ms, 200 clients: zero errors, >= {SLOW200_MIN_RATIO}x forward-only — "
+        f"{verdict(ok)}" + (f" ({f.error_count} errors, {rounds_text(answers)})"
+                            if ok is not None else "")
+    )
+    f = _figures(measured, "slow-20")
+    ok = None if not f or f.overhead_p50 is None else f.overhead_p50 <= MAX_OVERHEAD_P50_MS
+    lines.append(
+        f"- service overhead p50 <= {MAX_OVERHEAD_P50_MS:.0f} ms at 20 clients — {verdict(ok)}"
+        + (f" (client latency − upstream call p50 = {fmt(f.overhead_p50)} ms; "
+           f"Server-Timing total − llm p50 = {fmt(f.own_p50)} ms)" if ok is not None else "")
+    )
+    quota = f and f.phases_p99.get("quota")
+    save = f and f.phases_p99.get("save")
+    ok = None if quota is None or save is None else (
+        quota <= LIGHT_MAX_PHASE_P99_MS and save <= LIGHT_MAX_PHASE_P99_MS)
+    lines.append(
+        f"- quota reservation and save <= {LIGHT_MAX_PHASE_P99_MS:.0f} ms p99 each "
+        f"(Server-Timing, 20 clients) — {verdict(ok)}"
+        + (f" (quota {fmt(quota)} ms, save {fmt(save)} ms)" if ok is not None else "")
+    )
+    leak = measured.get("leak")
+    growth = leak and leak_growth(leak)
+    ok = None if not growth else all(value <= LEAK_TOLERANCE_MIB for value in growth)
+    lines.append(
+        f"- no leak: worker RSS flat over the leak run (<= {LEAK_TOLERANCE_MIB:.0f} MiB growth "
+        f"from its middle to its end) — {verdict(ok)}"
+        + (f" ({leak.figures.extra.get('requests')} requests; growth "
+           f"{', '.join(f'{g:+.1f}' for g in growth)} MiB per worker)" if ok is not None else "")
+    )
+    lines.append("- at most 3 database statements per answered send, 1 per 429 — asserted by "
+                 "`tests/test_round_trips.py` (counts statements, not times)")
+    return lines
+
+
+def target_lines(measured) -> list[str]:
+    return [
+        "Performance at real model latencies (and the single stream):",
+        "",
+        *real_latency_lines(measured),
+        "",
+        "CPU per answer and throughput against the forward-only app (LOG_LEVEL=INFO):",
+        "",
+        *cpu_lines(measured),
+        "",
+        "Earlier targets:",
+        "",
+        *earlier_lines(measured),
+    ]
