@@ -155,6 +155,7 @@ class Exchange:
         """
         command = self.command
         default_limit = self.config["DAILY_LIMIT"]
+        failure = None
         with sql.connection() as conn:
             if command.request_id:
                 claimed = idempotency.claim_key(
@@ -172,11 +173,13 @@ class Exchange:
                     conn, command.telegram_id, self.day, default_limit,
                     self.config["CONTEXT_MESSAGES"],
                 )
-            except BaseException:
-                # Nothing reserved (refused, or the statement failed): only the
-                # key to free.
-                self._release_key()
-                raise
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            # Nothing reserved (refused, or the statement failed): only the key
+            # to free, on a connection of its own once this one is back.
+            self._release_key()
+            raise failure
         self.watch.lap("quota")
         # The counter's day, when this instance's clock is behind it.
         self.day = self.reservation.day
