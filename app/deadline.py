@@ -39,9 +39,6 @@ class Deadline:
         deadline less ``reserve`` for what must still follow it."""
         return max(0.0, min(cap, self.remaining() - reserve))
 
-    def expired(self) -> bool:
-        return self.remaining() <= 0
-
 
 def request_deadline(seconds: float) -> Deadline:
     """The current request's deadline, from the time gunicorn queued it

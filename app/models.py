@@ -139,16 +139,13 @@ class UserSettings(db.Model):
     )
 
 
-def transaction_isolation(dialect_name: str) -> str:
-    """The isolation level that turns autocommit off (SQLite knows no READ COMMITTED)."""
-    return "READ COMMITTED" if dialect_name == "postgresql" else "SERIALIZABLE"
-
-
 def begin_transaction() -> None:
     """Make the session's next statements one transaction, ended by its
     commit or rollback. The engine runs in autocommit mode (app/config.py),
-    so units of more than one statement ask for this explicitly."""
-    level = transaction_isolation(db.engine.dialect.name)
+    so units of more than one statement ask for this explicitly, with the
+    isolation level that turns autocommit off (SQLite knows no READ COMMITTED)."""
+    postgresql = db.engine.dialect.name == "postgresql"
+    level = "READ COMMITTED" if postgresql else "SERIALIZABLE"
     db.session.connection(execution_options={"isolation_level": level})
 
 

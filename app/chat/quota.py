@@ -24,9 +24,6 @@ from zoneinfo import ZoneInfo
 
 from app.sql import Connection, Statement, as_date, run
 
-# Stand-in cap for a limit of 0 (unlimited): answers are still counted.
-UNLIMITED_CAP = 2**31 - 1
-
 # A new user gets a row with 1. An existing row is bumped when it is under
 # the user's cap on its day, or restarted at 1 when its day is over. When the
 # WHERE fails (cap reached) nothing is written and no row comes back: that
