@@ -163,8 +163,9 @@ def _figures_tables(measured) -> list[str]:
 
 def _real_tables(measured) -> list[str]:
     """The 1000-client scenarios and the streams, with what the model allows."""
-    real = [m.figures for m in measured.values() if not m.figures.stream
-            and m.figures.upstream_ms >= 1000]
+    real = [(f.name if len(m.repeats) < 2 else f"{f.name} (round {number})", f)
+            for m in measured.values() if not m.figures.stream and m.figures.upstream_ms >= 1000
+            for number, f in enumerate(m.repeats, 1)]
     streams = [m.figures for m in measured.values() if m.figures.stream]
     if not real and not streams:
         return ["Not run."]
@@ -173,7 +174,8 @@ def _real_tables(measured) -> list[str]:
         "seconds), each on its own keep-alive connection; the window starts after the "
         "warm-up (the ramp, one whole answer of the model and 1 s), so every client is in "
         "its steady loop. Bound = clients ÷ the model's time for a whole answer: what a "
-        "closed loop could get if the service added nothing. Errors count the whole run, "
+        "closed loop could get if the service added nothing. One row per round (--repeat); "
+        "the targets take the medians. Errors count the whole run, "
         "ramp included, and the drain after the window (two whole answers of the model + "
         "2 s; requests still running then are cut, counted neither as answers nor as "
         "errors). RSS / PSS: the gunicorn master and its workers together "
@@ -190,9 +192,9 @@ def _real_tables(measured) -> list[str]:
             "| load generator / fake LLM CPU % |",
             "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
-        for f in real:
+        for label, f in real:
             lines.append(
-                f"| {f.name} | {f.app} | {f.answer_ms:.0f} | {f.clients} "
+                f"| {label} | {f.app} | {f.answer_ms:.0f} | {f.clients} "
                 f"| {f.ramp_s:.0f} / {f.warmup_s:.0f} / {f.window_s:.0f} "
                 f"| {f.answers_per_s:.1f} | {_fmt(f.bound_per_s)} | {_fmt(f.p50, 0)} "
                 f"| {_fmt(f.p99, 0)} "
@@ -247,8 +249,7 @@ def _comparisons(measured, repeat: int) -> list[str]:
         "| gunicorn CPU ms/answer (median) | CPU ratio |",
         "|---|---|--:|--:|--:|--:|--:|",
     ]
-    pairs = [*PAIRS, ("real-1000", "fwd-real-1000"), ("stream-1000", "fwd-stream-1000"),
-             ("stream-5", "fwd-stream-5")]
+    pairs = [*PAIRS, ("stream-1000", "fwd-stream-1000"), ("stream-5", "fwd-stream-5")]
     for service, forward in pairs:
         if service not in measured or forward not in measured:
             continue

@@ -104,7 +104,8 @@ PLAN = (
 PROFILE = Scenario("profile", "service", FAST, 50, description="py-spy on the workers")
 # (service, forward-only) pairs whose ratios the targets judge; with --repeat N
 # each pair runs N times and the report takes the median ratio.
-PAIRS = (("slow-50", "fwd-slow-50"), ("slow-200", "fwd-slow-200"), ("fast-50", "fwd-fast-50"))
+PAIRS = (("slow-50", "fwd-slow-50"), ("slow-200", "fwd-slow-200"), ("fast-50", "fwd-fast-50"),
+         ("real-1000", "fwd-real-1000"))
 # Open files the run needs at most: the load generator's sockets, and as many
 # again in the workers (clients + upstream) and in the fake LLM.
 OPEN_FILES = 16_384
