@@ -96,6 +96,8 @@ PLAN = (
              description="first delta of a stream at low concurrency"),
     Scenario("stream-1000", "service", STREAMED, 1000, stream=True, ramp=5.0, window=20.0,
              description="1000 concurrent streams"),
+    Scenario("stream-200", "service", STREAMED, 200, stream=True, ramp=5.0, window=20.0,
+             description="the streams one box holds at the model's pace"),
     Scenario("fwd-stream-5", "forward", STREAMED, 5, stream=True, ramp=5.0, window=10.0,
              description="floor for stream-5"),
     Scenario("fwd-stream-1000", "forward", STREAMED, 1000, stream=True, ramp=5.0, window=20.0,
