@@ -92,13 +92,14 @@ def database_name():
         yield name
 
 
-def migrate_to_head(url: str) -> None:
-    """Bring the database at ``url`` to the head revision through Flask-Migrate."""
+def migrate_to_head(url: str, revision: str = "head") -> None:
+    """Bring the database at ``url`` to the head revision (or ``revision``)
+    through Flask-Migrate, in this process."""
     from app.extensions import db
 
     app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": url})
     with app.app_context():
-        upgrade()
+        upgrade(revision=revision)
         db.engine.dispose()
 
 

@@ -70,22 +70,22 @@ def _extra_providers():
     beta.stop()
 
 
-@pytest.fixture
-def alpha(_extra_providers):
-    """The fake behind provider ``alpha`` (model alpha-large), clean."""
-    fake = _extra_providers[0]
+def _clean(fake: FakeLLM):
     fake.reset()
     yield fake
     fake.reset()
+
+
+@pytest.fixture
+def alpha(_extra_providers):
+    """The fake behind provider ``alpha`` (model alpha-large), clean."""
+    yield from _clean(_extra_providers[0])
 
 
 @pytest.fixture
 def beta(_extra_providers):
     """The fake behind provider ``beta-eu`` (model beta-small), clean."""
-    fake = _extra_providers[1]
-    fake.reset()
-    yield fake
-    fake.reset()
+    yield from _clean(_extra_providers[1])
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 from alembic.script import ScriptDirectory
-from flask_migrate import upgrade
 from psycopg2 import errors
 
 from app import create_app
@@ -36,6 +35,7 @@ from tests.conftest import (
     base_env,
     created_database,
     dsn_to_url,
+    migrate_to_head,
     pg_connect,
 )
 from tests.servers import ROOT, VENV_BIN, ServerProcess, free_port, post_send
@@ -212,16 +212,6 @@ def table_shape(dbname: str, table: str) -> dict:
 
 def versions(dbname: str, table: str) -> set[str]:
     return {version for (version,) in rows(dbname, f"SELECT version_num FROM {table}")}
-
-
-def upgrade_to(url: str, revision: str = "head") -> None:
-    """``flask db upgrade <revision>`` in this process (setup, not the subject)."""
-    from app.extensions import db
-
-    app = create_app({"API_SECRET_KEY": API_KEY, "DATABASE_URL": url})
-    with app.app_context():
-        upgrade(revision=revision)
-        db.engine.dispose()
 
 
 def cli_env(database_url: str) -> dict:
@@ -483,7 +473,7 @@ def test_booting_a_second_time_changes_no_table(booted_twice):
 def migrated_empty_database():
     """An empty PostgreSQL database after our migrations (its name)."""
     with created_database("ai_chat_empty") as name:
-        upgrade_to(dsn_to_url(name))
+        migrate_to_head(dsn_to_url(name))
         yield name
 
 
@@ -644,7 +634,7 @@ def test_building_an_index_on_the_busy_adopted_table_never_blocks_its_writers(
     url = dsn_to_url(adopted_database)
     # Up to 0002 first: its foreign key to ai_chat_requests needs a brief lock
     # that waits (retried) for open writers. The subject is 0003's index build.
-    upgrade_to(url, "0002")
+    migrate_to_head(url, "0002")
     with closing(pg_connect(adopted_database)) as writer, \
             closing(pg_connect(adopted_database)) as other_writer:
         writer.autocommit = False
@@ -686,7 +676,7 @@ def test_an_invalid_index_left_by_a_failed_concurrent_build_is_rebuilt(adopted_d
             )
     assert indexes(adopted_database)["ix_ai_chat_requests_telegram_id_id"][1] is False
 
-    upgrade_to(dsn_to_url(adopted_database))
+    migrate_to_head(dsn_to_url(adopted_database))
 
     assert indexes(adopted_database)["ix_ai_chat_requests_telegram_id_id"] == (
         "CREATE INDEX ix_ai_chat_requests_telegram_id_id "
@@ -734,7 +724,7 @@ def upgraded_v1_database():
     """A v1 development database after ``flask db upgrade`` (its name)."""
     with created_database("ai_chat_v1") as name:
         rows(name, V1_SCHEMA)
-        upgrade_to(dsn_to_url(name))
+        migrate_to_head(dsn_to_url(name))
         yield name
 
 
