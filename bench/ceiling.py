@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg2
 from psycopg2.extensions import AsIs
 
 from bench import system
@@ -53,6 +52,8 @@ from bench.servers import (
     HISTORY_MESSAGE,
     HISTORY_RESPONSE,
     BenchDatabase,
+    admin,
+    admin_connection,
     max_connections,
 )
 from bench.stats import percentile
@@ -143,7 +144,7 @@ def write_scripts(database_url: str) -> dict[str, Path]:
     save_params = {"user_id": None, "message": HISTORY_MESSAGE, "response": ANSWER,
                    "tokens_used": 300, "request_date": day.today, "created_at": day.now,
                    "model": "gpt-4o-mini"}
-    with closing(psycopg2.connect(f"{ADMIN_DSN} dbname=postgres")) as connection:
+    with closing(admin_connection()) as connection:
         cursor = connection.cursor()
         reserve = _pgbench_query(cursor, prefix + quota._RESERVE_PG.sql["postgresql"],
                                  reserve_params)
@@ -173,33 +174,20 @@ def write_scripts(database_url: str) -> dict[str, Path]:
 def prepare(database: BenchDatabase) -> str:
     """The history and yesterday's counters of USERS sellers; what was loaded."""
     seconds = database.load_history(HISTORY_ROWS, USERS, HISTORY_DAYS)
-    with closing(psycopg2.connect(f"{ADMIN_DSN} dbname={database.name}")) as connection:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO ai_chat_daily_limits (telegram_id, request_count, "
-                "last_reset_date, created_at, updated_at) SELECT n, 3, %s, now(), now() "
-                "FROM generate_series(1, %s) AS n",
-                (datetime.now(UTC).date() - timedelta(days=2), USERS),
-            )
-            cursor.execute("VACUUM ANALYZE ai_chat_daily_limits")
+    admin(
+        "INSERT INTO ai_chat_daily_limits (telegram_id, request_count, "
+        "last_reset_date, created_at, updated_at) SELECT n, 3, %s, now(), now() "
+        "FROM generate_series(1, %s) AS n",
+        (datetime.now(UTC).date() - timedelta(days=2), USERS), dbname=database.name,
+    )
+    admin("VACUUM ANALYZE ai_chat_daily_limits", dbname=database.name)
     return (f"{HISTORY_ROWS:,} exchanges of {USERS:,} sellers over {HISTORY_DAYS} days and "
             f"a counter per seller from an earlier day (loaded in {seconds:.0f} s)")
 
 
 def _free_connections() -> int:
-    with closing(psycopg2.connect(f"{ADMIN_DSN} dbname=postgres")) as connection:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT current_setting('max_connections')::int - count(*) "
-                           "FROM pg_stat_activity WHERE backend_type = 'client backend'")
-            return cursor.fetchone()[0]
-
-
-def _admin(statement: str) -> None:
-    with closing(psycopg2.connect(f"{ADMIN_DSN} dbname=postgres")) as connection:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
+    return admin("SELECT current_setting('max_connections')::int - count(*) "
+                 "FROM pg_stat_activity WHERE backend_type = 'client backend'")[0]
 
 
 def _log_lines(prefix: Path) -> list[tuple[float, float | None]]:
@@ -235,7 +223,7 @@ def run_one(executable: str, database: str, script: Path, clients: int, seconds:
         "-T", str(int(seconds)), "-f", str(script), "-l", "--log-prefix", str(prefix),
         "-h", dsn["host"], "-p", dsn["port"], "-U", dsn["user"], database,
     ]
-    _admin("CHECKPOINT")
+    admin("CHECKPOINT")
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, cwd=OUT_DIR)

@@ -40,7 +40,13 @@ from datetime import UTC, datetime, timedelta
 import psycopg2
 
 from bench import ceiling
-from bench.servers import ADMIN_DSN, HISTORY_MESSAGE, HISTORY_RESPONSE, ROOT, BenchDatabase
+from bench.servers import (
+    HISTORY_MESSAGE,
+    HISTORY_RESPONSE,
+    ROOT,
+    BenchDatabase,
+    admin_connection,
+)
 
 KEYS_INDEX = "ix_ai_chat_idempotency_keys_chat_request_id"
 CREATED_INDEX = "ix_ai_chat_requests_created_at"
@@ -74,12 +80,6 @@ class IndexFigures:
     history: dict[str, dict[str, Timed]] = field(default_factory=dict)
     cleanup: dict[str, dict[str, Timed]] = field(default_factory=dict)
     timeouts: str = ""
-
-
-def _connect(database: BenchDatabase):
-    connection = psycopg2.connect(f"{ADMIN_DSN} dbname={database.name}")
-    connection.autocommit = True
-    return connection
 
 
 def _key_lines(rows) -> list[str]:
@@ -160,7 +160,7 @@ def _delete_history(connection, user: int, timeouts: str) -> Timed:
 
 
 def _measure_history(figures: IndexFigures, database: BenchDatabase, timeouts: str) -> None:
-    with closing(_connect(database)) as connection:
+    with closing(admin_connection(database.name)) as connection:
         cursor = connection.cursor()
         definition = _index_definition(cursor, KEYS_INDEX)
         heavy, light = f"{HEAVY_ROWS:,} exchanges", f"{LIGHT_ROWS:,} exchanges"
@@ -237,7 +237,7 @@ def _measure_cleanup(figures: IndexFigures, database: BenchDatabase) -> None:
     first, total, empty = "first batch (DELETE)", "whole cleanup", "batch with nothing to delete"
     for name in (first, total, empty):
         figures.cleanup[name] = {}
-    with closing(_connect(database)) as connection:
+    with closing(admin_connection(database.name)) as connection:
         cursor = connection.cursor()
         definition = _index_definition(cursor, CREATED_INDEX)
         # The rows the cleanup deletes, to put them back between the two runs.
@@ -265,7 +265,7 @@ def run(database: BenchDatabase, setup: str) -> IndexFigures:
 
     timeouts = load_config({"API_SECRET_KEY": "bench", "DATABASE_URL": database.url})[
         "SQL_TIMEOUTS"]
-    with closing(_connect(database)) as connection:
+    with closing(admin_connection(database.name)) as connection:
         cursor = connection.cursor()
         figures = IndexFigures(f"{setup}; {_prepare(cursor)}", _sizes(cursor))
     figures.timeouts = timeouts.strip()

@@ -113,17 +113,22 @@ class GunicornProcess(Gunicorn):
         return [self.process.pid, *self.workers()]
 
 
-def _admin(statement: str, params: tuple = (), dbname: str = "postgres"):
+def admin_connection(dbname: str = "postgres"):
+    """A connection as the admin user, in autocommit (the caller closes it)."""
+    connection = psycopg2.connect(f"{ADMIN_DSN} dbname={dbname}")
+    connection.autocommit = True
+    return connection
+
+
+def admin(statement: str, params: tuple = (), dbname: str = "postgres"):
     """One statement as the admin user, in autocommit; its first row, if it returns rows."""
-    with closing(psycopg2.connect(f"{ADMIN_DSN} dbname={dbname}")) as connection:
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute(statement, params)
-            return cursor.fetchone() if cursor.description else None
+    with closing(admin_connection(dbname)) as connection, connection.cursor() as cursor:
+        cursor.execute(statement, params)
+        return cursor.fetchone() if cursor.description else None
 
 
 def max_connections() -> int:
-    return int(_admin("SHOW max_connections")[0])
+    return int(admin("SHOW max_connections")[0])
 
 
 class BenchDatabase:
@@ -136,7 +141,7 @@ class BenchDatabase:
             f"postgresql://{parts.get('user', 'postgres')}@{parts.get('host', '127.0.0.1')}:"
             f"{parts.get('port', '5432')}/{self.name}"
         )
-        _admin(f'CREATE DATABASE "{self.name}"')
+        admin(f'CREATE DATABASE "{self.name}"')
         # In a child: prometheus_client must not be imported here before whatif sets
         # PROMETHEUS_MULTIPROC_DIR.
         done = subprocess.run(
@@ -160,47 +165,45 @@ class BenchDatabase:
         maintaining eight indexes row by row, and the result is the same.
         """
         started = time.perf_counter()
-        with closing(psycopg2.connect(f"{ADMIN_DSN} dbname={self.name}")) as connection:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = "
-                    "'ai_chat_requests' AND indexname <> 'ai_chat_requests_pkey'"
-                )
-                indexes = cursor.fetchall()
-                for name, _ in indexes:
-                    cursor.execute(f'DROP INDEX "{name}"')
-                cursor.execute("SET synchronous_commit = off")
-                cursor.execute(
-                    f"""
-                    INSERT INTO ai_chat_requests (telegram_id, user_id, message, response,
-                        tokens_used, request_date, created_at, model)
-                    SELECT n %% %(users)s + 1, NULL, %(message)s, %(response)s, 300,
-                           (at AT TIME ZONE 'Europe/Moscow')::date, at, 'gpt-4o-mini'
-                    FROM generate_series(1, %(rows)s) AS n, LATERAL (
-                        SELECT now() - interval '{int(days)} days'
-                               + n * interval '{int(days)} days' / %(rows)s
-                    ) AS t(at)
-                    """,
-                    {"users": users, "rows": rows, "message": HISTORY_MESSAGE,
-                     "response": HISTORY_RESPONSE},
-                )
-                for _, definition in indexes:
-                    cursor.execute(definition)
-                cursor.execute("VACUUM ANALYZE")
+        with closing(admin_connection(self.name)) as connection, connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = "
+                "'ai_chat_requests' AND indexname <> 'ai_chat_requests_pkey'"
+            )
+            indexes = cursor.fetchall()
+            for name, _ in indexes:
+                cursor.execute(f'DROP INDEX "{name}"')
+            cursor.execute("SET synchronous_commit = off")
+            cursor.execute(
+                f"""
+                INSERT INTO ai_chat_requests (telegram_id, user_id, message, response,
+                    tokens_used, request_date, created_at, model)
+                SELECT n %% %(users)s + 1, NULL, %(message)s, %(response)s, 300,
+                       (at AT TIME ZONE 'Europe/Moscow')::date, at, 'gpt-4o-mini'
+                FROM generate_series(1, %(rows)s) AS n, LATERAL (
+                    SELECT now() - interval '{int(days)} days'
+                           + n * interval '{int(days)} days' / %(rows)s
+                ) AS t(at)
+                """,
+                {"users": users, "rows": rows, "message": HISTORY_MESSAGE,
+                 "response": HISTORY_RESPONSE},
+            )
+            for _, definition in indexes:
+                cursor.execute(definition)
+            cursor.execute("VACUUM ANALYZE")
         return time.perf_counter() - started
 
     def truncate(self) -> None:
         """Every scenario starts from empty tables."""
-        _admin(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE", dbname=self.name)
+        admin(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE", dbname=self.name)
 
     def sessions(self) -> int:
         """Connections ever opened to this database (pg_stat_database.sessions, PG >= 14)."""
         try:
-            row = _admin("SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.name,))
+            row = admin("SELECT sessions FROM pg_stat_database WHERE datname = %s", (self.name,))
         except psycopg2.Error:
             return 0
         return int(row[0]) if row and row[0] is not None else 0
 
     def drop(self) -> None:
-        _admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
