@@ -46,9 +46,10 @@ USER_LIMIT_SQL = (
     "WHERE telegram_id = :telegram_id), :default_limit)"
 )
 
-# PostgreSQL: the reservation, the user's settings, the count behind a 429 and
-# the context of a granted request, in one round trip. The context rows are
-# read only when the reservation was granted (the LATERAL's condition).
+# PostgreSQL: the reservation, the user's settings, the counter behind a 429
+# and the context of a granted request, in one round trip. The counter is
+# read only when the reservation was refused, the context rows only when it
+# was granted (the joins' conditions).
 _RESERVE_PG = Statement(
     f"""
     WITH settings AS (
@@ -63,15 +64,12 @@ _RESERVE_PG = Statement(
     )
     SELECT r.request_count, r.last_reset_date, q.daily_limit,
            (SELECT preferred_model FROM settings),
-           CASE WHEN r.request_count IS NULL THEN
-               (SELECT request_count FROM ai_chat_daily_limits
-                WHERE telegram_id = :telegram_id) END,
-           CASE WHEN r.request_count IS NULL THEN
-               (SELECT last_reset_date FROM ai_chat_daily_limits
-                WHERE telegram_id = :telegram_id) END,
+           refused.request_count, refused.last_reset_date,
            c.message, c.response
     FROM quota AS q
     LEFT JOIN reserved AS r ON TRUE
+    LEFT JOIN ai_chat_daily_limits AS refused
+        ON r.request_count IS NULL AND refused.telegram_id = :telegram_id
     LEFT JOIN LATERAL (
         SELECT id, message, response FROM ai_chat_requests
         WHERE telegram_id = :telegram_id AND r.request_count IS NOT NULL
@@ -124,9 +122,10 @@ _RESET = Statement(
 _USAGE = Statement(
     f"""
     SELECT {USER_LIMIT_SQL},
-        (SELECT request_count FROM ai_chat_daily_limits
-         WHERE telegram_id = :telegram_id AND last_reset_date >= :today),
-        (SELECT last_reset_date FROM ai_chat_daily_limits WHERE telegram_id = :telegram_id)
+        CASE WHEN l.last_reset_date >= :today THEN l.request_count END,
+        l.last_reset_date
+    FROM (SELECT 1) AS one
+    LEFT JOIN ai_chat_daily_limits AS l ON l.telegram_id = :telegram_id
     """
 )
 
