@@ -78,30 +78,29 @@ def postgres_pids(database: str) -> list[int]:
     return found
 
 
-def rss_mib(pid: int) -> float:
-    """Resident set size in MiB (0 when the process is gone)."""
+def _proc_mib(path: str, field: str) -> float:
+    """A ``field: N kB`` line of a /proc file, in MiB (0 when the process is gone
+    or the file does not exist)."""
     try:
-        with open(f"/proc/{pid}/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size in MiB (0 when the process is gone)."""
+    return _proc_mib(f"/proc/{pid}/status", "VmRSS:")
 
 
 def pss_mib(pid: int) -> float:
     """Proportional set size in MiB: pages shared between the gunicorn master and
     its workers (preload_app, copy-on-write) counted once across them, unlike RSS.
     0 when the process is gone or the kernel has no smaps_rollup."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _proc_mib(f"/proc/{pid}/smaps_rollup", "Pss:")
 
 
 def machine_ticks() -> tuple[int, int]:
