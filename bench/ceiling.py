@@ -60,8 +60,8 @@ from bench.stats import percentile
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Generated, like every output of a run: bench/out/ is not tracked.
-SCRIPTS_DIR = BENCH_DIR / "out" / "pgbench"
 OUT_DIR = BENCH_DIR / "out"
+SCRIPTS_DIR = OUT_DIR / "pgbench"
 USERS = 100_000
 HISTORY_ROWS = 1_000_000
 HISTORY_DAYS = 100
