@@ -59,6 +59,7 @@ def create_app(overrides: dict | None = None) -> Flask:
         if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
             event.listen(db.engine, "connect", _sqlite_pragmas)
         sql.bound_every_statement(db.engine, app.config["SQL_TIMEOUTS"])
+        sql.keep_pool_clean(db.engine)
     migrate.init_app(app, db, directory=str(config.PROJECT_ROOT / "migrations"))
     api.init_app(app)
     api.register_blueprint(chat_blp)

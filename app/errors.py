@@ -25,13 +25,17 @@ from app.logs import annotate
 log = logging.getLogger(__name__)
 
 # The database could not serve a statement, whatever the reason: server gone
-# or restarting (OperationalError), connection broken under the driver
-# (InterfaceError), every pooled connection busy (TimeoutError). None of them
-# is a bug; each means "try again shortly", and each is handled the same way
-# wherever the database is used (503, write retries, refunds).
+# or restarting, a lock or statement timeout, a cancelled query, a deadlock
+# (OperationalError), connection broken under the driver (InterfaceError),
+# the server refusing the statement in its current state — read-only after a
+# failover, a transaction already aborted (InternalError) — every pooled
+# connection busy (TimeoutError). None of them is a bug in the request; each
+# means "try again shortly", and each is handled the same way wherever the
+# database is used (503, write retries, refunds).
 DATABASE_OUTAGE = (
     sa_exc.OperationalError,
     sa_exc.InterfaceError,
+    sa_exc.InternalError,
     sa_exc.TimeoutError,
     sa_exc.DisconnectionError,
 )

@@ -8,6 +8,15 @@ and translated to the driver's parameter style. Driver errors leave as
 SQLAlchemy's exception classes (OperationalError, …), and a connection the
 server dropped is invalidated, so the rest of the app handles them as any
 other database error.
+
+A connection never goes back to the pool inside a transaction. The pool's own
+reset-on-return is psycopg2's ``rollback()``, which does nothing in autocommit
+mode, so a connection left in a failed transaction ("current transaction is
+aborted") would fail every statement of every later request until it is
+recycled. Transaction control therefore goes straight to the DBAPI
+connection (never behind the timeouts prefix, which PostgreSQL refuses in a
+failed transaction), and every connection is checked on its way back: rolled
+back when it is still in a transaction, discarded when even that fails.
 """
 
 from __future__ import annotations
@@ -86,9 +95,25 @@ class Connection:
         finally:
             cursor.close()
 
-    def execute(self, sql: str) -> None:
-        """A statement without parameters (transaction control)."""
-        self.run(Statement(sql))
+    def control(self, sql: str) -> None:
+        """Transaction control (BEGIN, COMMIT), sent as it is: no timeouts
+        prefix, which would start with a statement PostgreSQL refuses once a
+        transaction has failed."""
+        cursor = self._pooled.cursor()
+        try:
+            cursor.execute(sql)
+        except self._dialect.loaded_dbapi.Error as error:
+            raise self._wrap(error, sql, cursor) from error
+        finally:
+            cursor.close()
+
+    def rollback(self) -> None:
+        """End whatever transaction the connection is in, or discard the
+        connection when it cannot (it never reaches the pool in a transaction)."""
+        try:
+            rollback_if_in_transaction(self._pooled.dbapi_connection)
+        except Exception as error:  # the server is gone, or worse: drop it
+            self._pooled.invalidate(error)
 
     def _wrap(self, error, sql, cursor=None):
         dbapi_connection = self._pooled.dbapi_connection
@@ -122,9 +147,12 @@ def connection() -> Iterator[Connection]:
         raise sa_exc.DBAPIError.instance(
             None, None, error, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect
         ) from error
+    conn = Connection(pooled, dialect, current_app.config["SQL_TIMEOUTS"])
     try:
-        yield Connection(pooled, dialect, current_app.config["SQL_TIMEOUTS"])
+        yield conn
     finally:
+        if pooled.dbapi_connection is not None:  # not invalidated
+            conn.rollback()
         pooled.close()
 
 
@@ -141,16 +169,49 @@ def transaction(conn: Connection) -> Iterator[Connection]:
     On SQLite ``BEGIN IMMEDIATE`` takes the write lock up front, so two
     writers never both read and then fail to upgrade their lock.
     """
-    conn.execute("BEGIN IMMEDIATE" if conn.dialect_name == "sqlite" else "BEGIN")
+    conn.control("BEGIN IMMEDIATE" if conn.dialect_name == "sqlite" else "BEGIN")
     try:
         yield conn
+        conn.control("COMMIT")
     except BaseException:
-        try:
-            conn.execute("ROLLBACK")
-        except sa_exc.DBAPIError:
-            pass  # the connection is gone (and invalidated): nothing to undo
+        conn.rollback()
         raise
-    conn.execute("COMMIT")
+
+
+def in_transaction(dbapi_connection) -> bool:
+    """Whether the DBAPI connection is inside a transaction (or its state is
+    unknown: a connection lost mid-statement)."""
+    status = getattr(dbapi_connection, "get_transaction_status", None)
+    if status is not None:  # psycopg2
+        from psycopg2.extensions import TRANSACTION_STATUS_IDLE
+
+        return status() != TRANSACTION_STATUS_IDLE
+    return bool(getattr(dbapi_connection, "in_transaction", False))  # sqlite3
+
+
+def rollback_if_in_transaction(dbapi_connection) -> None:
+    """ROLLBACK on the DBAPI connection itself when it is in a transaction;
+    raises the driver's error when that fails or leaves it in one."""
+    if not in_transaction(dbapi_connection):
+        return
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("ROLLBACK")
+    finally:
+        cursor.close()
+    if in_transaction(dbapi_connection):
+        raise RuntimeError("the connection is still in a transaction after ROLLBACK")
+
+
+def keep_pool_clean(engine) -> None:
+    """Check every connection on its way back to the pool, whoever used it
+    (the ORM's paths too): in autocommit mode the pool's own reset is a
+    no-op. A connection that cannot be rolled back makes the pool discard it
+    (the reset hook raising is how the pool learns that)."""
+
+    @event.listens_for(engine, "reset")
+    def _roll_back_on_return(dbapi_connection, _record, _state):
+        rollback_if_in_transaction(dbapi_connection)
 
 
 def bound_every_statement(engine, timeouts: str) -> None:

@@ -305,8 +305,9 @@ class Exchange:
         try:
             self._write(undo, "refund a reserved unit")
             metrics.QUOTA_REFUNDS.inc()
-        except DATABASE_OUTAGE:
-            log.error("quota unit of telegram_id=%s not refunded", telegram_id)
+        except Exception as failure:  # never hides the error being answered
+            log.error("quota unit of telegram_id=%s not refunded (%s)", telegram_id,
+                      type(failure).__name__)
 
     # --- helpers ------------------------------------------------------------
 
