@@ -103,7 +103,9 @@ bind = env_text(os.environ, "GUNICORN_BIND", f"{_host}:{_server['port']}")
 #   graceful_timeout - REQUEST_DEADLINE + 5 s: on SIGTERM/redeploy, answers already
 #       being generated are finished (the user's quota is already reserved for
 #       them) before the worker is forced down; a stream still running by then
-#       ends itself with an error event and gives its unit back first.
+#       ends itself with an error event and gives its unit back first (it ends
+#       STREAM_WRITE_TIMEOUT earlier, so that even a last write to a client that
+#       stopped reading gives up before the kill).
 #   keepalive - 5 s: nginx keeps upstream connections open (keepalive 64), so idle
 #       keep-alive connections are worth holding a little longer than the default.
 #   backlog - connections the kernel queues while both workers are busy accepting:

@@ -238,9 +238,14 @@ def server_settings(env: Mapping) -> dict:
 
     ``request_deadline`` bounds a request from its arrival (queue wait,
     personalisation, the model with its retries, the writes after it); the
-    model gets ``llm_deadline`` of it, and a request that waited in the queue
-    longer than ``queue_timeout`` could no longer get that, so it is refused
-    before anything is spent.
+    model gets at most ``llm_deadline`` of it. A send is admitted while what
+    is left of its deadline still holds ``min_answer_seconds`` of model time
+    (app.deadline.admit): under overload a request that waited long in the
+    queue is still answered when it can be, and refused, before anything is
+    spent, when it no longer can. 15 s holds a whole answer of a real model
+    (about 5 s, 10 s for the longest) with room for a retry of a quick
+    failure; below that a call would mostly end in a timeout. ``queue_timeout``
+    (off by default) is a fixed cap on the wait on top of that.
     """
     llm_deadline = env_number(env, "LLM_DEADLINE", 45.0, float, 1.0, 600.0)
     request_deadline = env_number(
@@ -255,9 +260,14 @@ def server_settings(env: Mapping) -> dict:
         "threads": env_number(env, "GUNICORN_THREADS", 600, int, 1),
         "llm_deadline": llm_deadline,
         "request_deadline": request_deadline,
-        "queue_timeout": env_number(
-            env, "QUEUE_TIMEOUT", request_deadline - llm_deadline, float, 0.0, 900.0
+        # A third of the model's deadline when that is shorter (tests, tight setups).
+        "min_answer_seconds": env_number(
+            env, "MIN_ANSWER_SECONDS", min(15.0, llm_deadline / 3), float, 0.0, llm_deadline
         ),
+        "queue_timeout": env_number(env, "QUEUE_TIMEOUT", 0.0, float, 0.0, 900.0),
+        # A stream's write that a client does not take within this long: the
+        # client is gone (gunicorn's graceful timeout leaves room for it).
+        "stream_write_timeout": env_number(env, "STREAM_WRITE_TIMEOUT", 10.0, float, 0.5, 120.0),
     }
 
 
@@ -318,7 +328,9 @@ def load_config(env: Mapping) -> dict:
         ),
         "LLM_DEADLINE": deadline,
         "REQUEST_DEADLINE": server["request_deadline"],
+        "MIN_ANSWER_SECONDS": server["min_answer_seconds"],
         "QUEUE_TIMEOUT": server["queue_timeout"],
+        "STREAM_WRITE_TIMEOUT": server["stream_write_timeout"],
         "DAILY_LIMIT": env_number(env, "DAILY_LIMIT", 30, int, 0),
         "TIMEZONE": timezone,
         "CONTEXT_MESSAGES": env_number(env, "CONTEXT_MESSAGES", 5, int, 0, 100),

@@ -46,16 +46,28 @@ def request_deadline(seconds: float) -> Deadline:
     return Deadline.after(seconds, request.environ.get("ai_chat.queued_at"))
 
 
-def admit(deadline: Deadline, queue_timeout: float, retry_after: int) -> None:
-    """Refuse a send before anything is reserved when it cannot be served well.
+def admit(
+    deadline: Deadline, min_answer_seconds: float, queue_timeout: float, retry_after: int
+) -> None:
+    """Refuse a send before anything is reserved when it can no longer be
+    answered in time; otherwise the model gets whatever is left.
+
+    Admission goes by the time left, not by a fixed wait: on a saturated box
+    a request that queued 20 s still has 30 s, and an answer takes about 5.
+    Shedding still protects the box: when the queue only grows, its waits grow
+    until requests are refused at the head of it, each for a few microseconds.
 
     Raises:
-        ServiceUnavailable: the worker is stopping (SIGTERM), or the request
-            waited in the queue longer than ``queue_timeout`` (0 = no limit).
+        ServiceUnavailable: the worker is stopping (SIGTERM); or what is left of
+            the deadline, less the writes after the answer, is under
+            ``min_answer_seconds``; or the request waited in the queue longer
+            than ``queue_timeout`` (0 = no such cap).
     """
+    refused = ServiceUnavailable(headers={"Retry-After": str(retry_after)})
     server = request.environ.get("ai_chat.server")
     if server is not None and server.stopping_since is not None:
-        raise ServiceUnavailable(headers={"Retry-After": str(retry_after)})
-    waited = time.monotonic() - deadline.arrived
-    if queue_timeout and waited > queue_timeout:
-        raise ServiceUnavailable(headers={"Retry-After": str(retry_after)})
+        raise refused
+    if deadline.remaining() - WRITE_RESERVE_SECONDS < min_answer_seconds:
+        raise refused
+    if queue_timeout and time.monotonic() - deadline.arrived > queue_timeout:
+        raise refused

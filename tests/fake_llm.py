@@ -235,7 +235,7 @@ def stream_ok(
     pieces: int | None = None,
     first_token_delay: float = 0.0,
     chunk_delay: float | None = None,
-    usage: bool = True,
+    usage: bool | dict = True,
     tokens: int | None = None,
 ) -> dict:
     """A complete stream.
@@ -244,7 +244,8 @@ def stream_ok(
     otherwise ``text`` (default answer if ``None``) is cut into ``pieces`` equal
     pieces, or one per word when ``pieces`` and the fake's ``stream_pieces`` are
     ``None``.  ``chunk_delay=None`` uses the fake's ``chunk_delay``.  ``usage=False``
-    leaves out the usage chunk even when the client asked for it.
+    leaves out the usage chunk even when the client asked for it; a dict is sent
+    as the usage verbatim (a provider's malformed usage).
     """
     return _stream_step(
         "stream_ok", None, text, chunks, pieces, first_token_delay, chunk_delay, usage, tokens
@@ -323,7 +324,7 @@ def _stream_step(
         "pieces": pieces,
         "first_token_delay": float(first_token_delay),
         "chunk_delay": None if chunk_delay is None else float(chunk_delay),
-        "usage": bool(usage),
+        "usage": usage if isinstance(usage, dict) else bool(usage),
         "tokens": tokens,
     }
 
@@ -902,7 +903,9 @@ class _Handler(BaseHTTPRequestHandler):
             final = prefix + b'{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
             options = body.get("stream_options")
             if step["usage"] and isinstance(options, dict) and options.get("include_usage"):
-                usage = _usage(prompt_chars, text, step["tokens"])
+                usage = step["usage"]
+                if not isinstance(usage, dict):
+                    usage = _usage(prompt_chars, text, step["tokens"])
                 final += prefix + b'],"usage":' + _dumps(usage) + b"}\n\n"
             tail: bytes | None = _http_chunk(final + _DONE_EVENT) + _LAST_CHUNK
         else:

@@ -275,6 +275,50 @@ def test_send_that_waited_in_the_queue_too_long_is_refused_before_reserving(
     assert request_count(sql, telegram_id=1) == 1
 
 
+# Admission by the time left: REQUEST_DEADLINE 12 s, the model at most 8 s, and
+# a send admitted while 3 s of model time are left after the 3 s kept for the
+# writes, i.e. after up to 6 s in the queue (a fixed queue timeout would have
+# been REQUEST_DEADLINE - LLM_DEADLINE = 4 s).
+BY_TIME_LEFT = {"REQUEST_DEADLINE": "12", "LLM_DEADLINE": "8", "OPENAI_TIMEOUT": "8",
+                "MIN_ANSWER_SECONDS": "3"}
+
+
+def send_behind_a_slow_one(server, fake_llm, first_takes: float) -> tuple[Reply, Reply]:
+    """With one thread: a send whose model takes ``first_takes`` s, and a second
+    send that waits in the queue behind it all that time."""
+    fake_llm.script(ok("Ответ первому", delay=first_takes), ok("Ответ второму"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first = pool.submit(send_over_http, server.url, 1, "Первый вопрос")
+        assert fake_llm.wait_for(lambda: fake_llm.calls == 1, timeout=15)
+        queued = pool.submit(send_over_http, server.url, 2, "Второй вопрос")
+        return first.result(timeout=60), queued.result(timeout=60)
+
+
+def test_send_that_waited_long_but_still_has_time_for_the_model_is_answered(
+    gunicorn, fake_llm, sql
+):
+    server = gunicorn(threads=1, **BY_TIME_LEFT)
+
+    first, queued = send_behind_a_slow_one(server, fake_llm, first_takes=5.0)
+
+    assert (first.status, queued.status) == (200, 200)
+    assert queued.body["response"] == "Ответ второму"
+    assert request_count(sql, telegram_id=2) == 1
+
+
+def test_send_left_with_too_little_time_for_the_model_is_refused_before_reserving(
+    gunicorn, fake_llm, sql
+):
+    server = gunicorn(threads=1, **BY_TIME_LEFT)
+
+    first, queued = send_behind_a_slow_one(server, fake_llm, first_takes=7.5)
+
+    assert first.status == 200
+    assert_refused_before_reserving(queued.status, queued.headers, queued.body)
+    assert counter_row(sql, telegram_id=2) is None
+    assert asked(fake_llm) == ["Первый вопрос"]
+
+
 # --- 4. a busy pool is not an outage -----------------------------------------------
 
 ONE_CONNECTION = {"DB_POOL_SIZE": "1", "DB_MAX_OVERFLOW": "0", "DB_POOL_TIMEOUT": "0.2",

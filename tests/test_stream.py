@@ -12,6 +12,8 @@ calls, the upstream streams it saw closed).
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -839,3 +841,199 @@ def test_stream_metrics_count_outcomes_first_tokens_and_streams_in_flight(
     assert added("ai_chat_streams_total", "error") == 1
     assert added("ai_chat_streams_total", "client_gone") == 1
     assert added("ai_chat_stream_first_token_seconds_count") == 3
+
+
+# --- line separators inside the text (U+2028, U+2029, U+0085) ----------------------
+
+# Characters that str.splitlines (and so httpx's and aiohttp's line readers)
+# takes for line breaks, while JSON allows them raw inside strings.
+SEPARATED = ["Первая строка\u2028вторая", " строка\u2029новый абзац", "\x85и конец."]
+SEPARATORS_UTF8 = ("\u2028".encode(), "\u2029".encode(), "\x85".encode())
+
+
+def raw_stream(base_url: str, **fields) -> bytes:
+    """The bytes of one POST /v1/chat/stream, as they came."""
+    with loopback_client() as client:
+        response = client.post(
+            f"{base_url}/v1/chat/stream",
+            json={"telegram_id": 1, "message": MESSAGE, **fields},
+            headers={"X-API-KEY": API_KEY},
+        )
+        return response.content
+
+
+def test_provider_writing_line_separators_raw_in_its_json_streams_to_done(serve, fake_llm, sql):
+    """The provider's SSE is split at LF only: its data lines stay whole."""
+    fake_llm.script(stream_ok(chunks=SEPARATED, tokens=9))
+
+    reading = read_stream(serve())
+
+    assert reading.last().name == "done"
+    assert reading.text() == "".join(SEPARATED)
+    assert stored_rows(sql) == [(MESSAGE, "".join(SEPARATED), 9, MODEL)]
+
+
+@pytest.mark.parametrize("replayed", [False, True], ids=["answered", "replayed"])
+def test_our_events_never_carry_a_line_separator_raw(serve, fake_llm, replayed):
+    """A bot reading lines the str.splitlines way (httpx's aiter_lines, as in
+    docs/API.md) gets every event whole, done included, on a replay too."""
+    url = serve()
+    fake_llm.script(stream_ok(chunks=SEPARATED))
+    if replayed:
+        assert read_stream(url, request_id="sep-1").last().name == "done"
+
+    raw = raw_stream(url, request_id="sep-1", format="markdown")
+    reading = read_stream(url, request_id="sep-1", format="markdown")
+
+    assert not any(separator in raw for separator in SEPARATORS_UTF8)
+    assert reading.last().name == "done"
+    assert reading.text() == "".join(SEPARATED)
+    assert reading.last().data["response"] == "".join(SEPARATED)
+    assert fake_llm.calls == 1
+
+
+# --- the client leaves before the first token ------------------------------------------
+
+
+def test_clients_leaving_before_the_first_token_never_open_a_healthy_providers_breaker(
+    serve, fake_llm, sql
+):
+    """Our own abort of the upstream call is not the provider's failure: no
+    retry, no breaker count; the next stream is answered by the same provider."""
+    url = serve(OPENAI_MAX_RETRIES="2", LLM_BREAKER_FAILURES="2")
+    for left in range(1, 4):
+        fake_llm.script(stream_ok(ANSWER, pieces=PIECES, first_token_delay=6.0))
+        read_keep_alives_then_leave(url, 2)
+        assert fake_llm.wait_for(lambda: refunded_and_nothing_stored(sql), timeout=DEADLINE)
+        assert fake_llm.wait_for(
+            lambda n=left: upstream_calls_abandoned(fake_llm) == n, timeout=DEADLINE
+        )
+        time.sleep(0.3)  # room for a retry, if one were (wrongly) made
+        assert fake_llm.calls == left
+
+    fake_llm.script(the_answer())
+    reading = read_stream(url)
+
+    assert reading.last().name == "done"
+    assert fake_llm.calls == 4
+    llm_requests = {
+        sample.labels["outcome"]: sample.value
+        for family in text_string_to_metric_families(
+            httpx2.get(f"{url}/metrics", trust_env=False).text
+        )
+        if family.name == "ai_chat_llm_requests"
+        for sample in family.samples
+        if sample.name == "ai_chat_llm_requests_total" and sample.labels["model"] == MODEL
+    }
+    assert llm_requests.get("cancelled") == 3
+    assert "unavailable" not in llm_requests
+
+
+# --- a late retry leaves OPENAI_TIMEOUT to every silence ---------------------------------
+
+
+def test_silences_after_a_late_retry_are_bound_by_openai_timeout_not_the_leftover_budget(
+    serve, fake_llm, sql
+):
+    """After a retry that started with 1 s of the first-token budget left,
+    pauses of 2 s between pieces (under OPENAI_TIMEOUT = 3 s) are a normal stream."""
+    url = serve(OPENAI_TIMEOUT="3", LLM_DEADLINE="3.5", OPENAI_MAX_RETRIES="1",
+                OPENAI_RETRY_BASE_DELAY="0.01")
+    pieces = ["Сначала ", "подумаем, ", "потом ответим."]
+    fake_llm.script(status(500, delay=2.5), stream_ok(chunks=pieces, chunk_delay=2.0, tokens=5))
+
+    reading = read_stream(url)
+
+    assert reading.last().name == "done", reading.last()
+    assert reading.text() == "".join(pieces)
+    assert fake_llm.outcomes == ["status:500", "stream_ok"]
+    assert stored_rows(sql) == [(MESSAGE, "".join(pieces), 5, MODEL)]
+
+
+# --- the provider's usage is not trusted -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{"total_tokens": "many"}, {"total_tokens": -5}, {"total_tokens": 1.5},
+     {"total_tokens": True}, {"total_tokens": None}, {"prompt_tokens": 3}],
+    ids=["text", "negative", "float", "bool", "null", "no-total"],
+)
+def test_a_malformed_usage_is_zero_tokens_of_a_saved_answer_never_an_error(
+    serve, fake_llm, sql, usage
+):
+    fake_llm.script(stream_ok(ANSWER, pieces=PIECES, usage=usage))
+
+    reading = read_stream(serve())
+
+    assert reading.names()[-1] == "done"
+    assert "error" not in reading.names()
+    assert reading.last().data["tokens_used"] == 0
+    assert stored_rows(sql) == [(MESSAGE, ANSWER, 0, MODEL)]
+    assert request_count(sql) == 1
+
+
+# --- a client that stops reading -----------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_is_a_client_gone_within_the_write_timeout(
+    database_url, fake_llm, sql, tmp_path
+):
+    """gthread writes with a blocking sendall: without a write timeout a client
+    that never reads would hold the thread, the unit and its key for ever."""
+    env = {**base_env(database_url, fake_llm.url), **STREAM_ENV, "STREAM_WRITE_TIMEOUT": "1"}
+    # A long answer (8 s) with a snapshot of it every 50 ms: far more than the
+    # socket buffers (4 MiB at most here) of a client that reads nothing take.
+    fake_llm.script(stream_ok("Длинный ответ. " * 15000, pieces=400, chunk_delay=0.02))
+    body = json.dumps({"telegram_id": 1, "message": MESSAGE, "request_id": "stuck-1"}).encode()
+    with Gunicorn(env, workers=1, threads=4, log_dir=tmp_path) as server:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", server.port))
+        stuck.sendall(
+            b"POST /v1/chat/stream HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"X-API-KEY: " + API_KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        try:
+            assert fake_llm.wait_for(lambda: request_count(sql) == 1, timeout=DEADLINE)
+            assert fake_llm.wait_for(lambda: refunded_and_nothing_stored(sql), timeout=DEADLINE)
+            # Before the model would have finished writing: the upstream was cut.
+            assert fake_llm.wait_for(lambda: fake_llm.streams_abandoned == 1, timeout=DEADLINE)
+            assert sql("SELECT count(*) FROM ai_chat_idempotency_keys")[0][0] == 0
+            # The key is free again: a retry is answered, not refused with 409.
+            fake_llm.script(the_answer())
+            assert read_stream(server.url, request_id="stuck-1").last().name == "done"
+        finally:
+            stuck.close()
+        log = server.log()
+    assert "Traceback" not in log
+    assert request_count(sql) == 1
+
+
+# --- shutdown while the model is silent ------------------------------------------------------
+
+
+def test_a_stream_waiting_on_a_silent_model_at_sigterm_ends_and_refunds_before_the_kill(
+    database_url, fake_llm, sql, tmp_path
+):
+    """The stream loop sleeps up to a keep-alive interval (here 14 s) while the
+    model is silent; SIGTERM wakes it, so it ends with an error event and gives
+    its unit back before gunicorn's graceful timeout (REQUEST_DEADLINE + 5 s)."""
+    env = {
+        **base_env(database_url, fake_llm.url), **STREAM_ENV,
+        "LLM_DEADLINE": "3", "REQUEST_DEADLINE": "6", "OPENAI_TIMEOUT": "30",
+        "STREAM_KEEPALIVE_SECONDS": "14", "STREAM_WRITE_TIMEOUT": "1",
+    }
+    fake_llm.script(stream_hang(after=1, text=ANSWER, pieces=PIECES))
+    with Gunicorn(env, workers=1, threads=4, log_dir=tmp_path) as server:
+        with EventStream(server.url) as stream:
+            events = stream.events()
+            assert next(events).name == "delta"
+            server.process.send_signal(signal.SIGTERM)
+            rest = [event for event in events if event.name != "comment"]
+        assert server.process.wait(timeout=30) == 0
+    assert [event.name for event in rest] == ["snapshot", "error"] or [
+        event.name for event in rest] == ["error"]
+    assert rest[-1].data["error"] == "service_unavailable"
+    assert refunded_and_nothing_stored(sql)

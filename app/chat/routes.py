@@ -96,15 +96,16 @@ def send_command(body: dict, idempotency_key: str | None) -> send.SendCommand:
 
     Raises:
         ValidationFailed: the body's request_id and the Idempotency-Key differ.
-        ServiceUnavailable: the worker is stopping, or the request waited in
-            the queue too long (app.deadline.admit); nothing is reserved.
+        ServiceUnavailable: the worker is stopping, or too little of the
+            deadline is left for an answer (app.deadline.admit); nothing is
+            reserved.
     """
     request_id = body["request_id"]
     if idempotency_key and request_id and idempotency_key != request_id:
         raise ValidationFailed(errors={"request_id": ["Differs from the Idempotency-Key header."]})
     config = current_app.config
     deadline = request_deadline(config["REQUEST_DEADLINE"])
-    admit(deadline, config["QUEUE_TIMEOUT"], RETRY_AFTER_SECONDS)
+    admit(deadline, config["MIN_ANSWER_SECONDS"], config["QUEUE_TIMEOUT"], RETRY_AFTER_SECONDS)
     return send.SendCommand(
         **{
             **body,

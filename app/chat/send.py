@@ -274,13 +274,16 @@ class Exchange:
             self.abandon(RequestInProgress())
             raise RequestInProgress()
         self._settled = True
-        self.llm.count_tokens(model, tokens)
         self.watch.lap("save")
         timings = self.watch.total()
-        for phase, ms in timings.items():
-            metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
-        annotate(outcome="answered", llm_ms=round(timings.get("llm", 0.0), 1), tokens=tokens,
-                 model=model)
+        try:
+            self.llm.count_tokens(model, tokens)
+            for phase, ms in timings.items():
+                metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
+            annotate(outcome="answered", llm_ms=round(timings.get("llm", 0.0), 1),
+                     tokens=tokens, model=model)
+        except Exception:  # bookkeeping never turns a saved, charged answer into an error
+            log.exception("bookkeeping of a saved answer failed")
         usage = self.reservation.usage
         return Answer(text, tokens, model, usage, self.day, command.format, timings)
 

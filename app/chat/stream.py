@@ -20,7 +20,11 @@ can write keep-alives while the model is silent, enforce the first-token
 deadline exactly, and abort the upstream call. A client that went away is
 learnt from a failed write (gunicorn then closes this generator): the
 upstream call is shut at once, so no tokens are paid for an answer nobody
-reads, and the unit is given back.
+reads, and the unit is given back. A client that stops reading is one that
+went away once a write has waited ``STREAM_WRITE_TIMEOUT`` (a timeout on the
+socket, under gunicorn). When the worker starts stopping, the response thread
+is woken and ends the stream before gunicorn's graceful timeout kills the
+worker.
 """
 
 from __future__ import annotations
@@ -53,9 +57,15 @@ class ClientGone(ApiError):
     status, code, message = 499, "client_gone", "The client went away."
 
 
+# Line separators to every reader that splits like ``str.splitlines`` (httpx's
+# and aiohttp's line iterators among them): raw in a data line they would cut
+# the JSON in two. Escaped, they are the same JSON string.
+_LINE_BREAKERS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def event(name: str, data: dict) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {name}\ndata: {payload}\n\n".encode()
+    return f"event: {name}\ndata: {payload.translate(_LINE_BREAKERS)}\n\n".encode()
 
 
 def snapshot(text: str, fmt: str) -> bytes:
@@ -78,6 +88,11 @@ def stream_response(exchange: Exchange, replay: Answer | None) -> Response:
         events, usage = replayed(replay), replay.usage
     else:
         events, usage = answered(exchange), exchange.reservation.usage
+    client = request.environ.get("gunicorn.socket")
+    if client is not None:
+        # gthread writes with a blocking sendall: without a timeout a client
+        # that stops reading would hold this thread (and the unit) for ever.
+        client.settimeout(current_app.config["STREAM_WRITE_TIMEOUT"])
     return Response(
         stream_with_context(events),
         mimetype="text/event-stream",
@@ -106,7 +121,8 @@ class Pump:
         self._pending: list[str] = []
         self._ready = threading.Condition()
         self._eager = False
-        self._aborted = False
+        self._woken = False
+        self._cancel = threading.Event()
         self.finished = False
         self.error: ApiError | None = None
         self.upstream = None
@@ -117,13 +133,13 @@ class Pump:
         """The text that arrived since the last call, and whether the stream
         has ended (nothing more will come).
 
-        Returns at the end of the stream, at ``until`` (monotonic), or once
-        there is text and ``gather_until`` has passed: pieces arriving before
-        that gather without waking this thread, so several go out in one
-        write (and one wake-up).
+        Returns at the end of the stream, at ``until`` (monotonic), when
+        ``wake`` is called, or once there is text and ``gather_until`` has
+        passed: pieces arriving before that gather without waking this
+        thread, so several go out in one write (and one wake-up).
         """
         with self._ready:
-            while not self.finished:
+            while not self.finished and not self._woken:
                 now = time.monotonic()
                 if now >= until or (self._pending and now >= gather_until):
                     break
@@ -131,15 +147,23 @@ class Pump:
                 self._eager = not self._pending
                 wake_at = until if self._eager else min(until, gather_until)
                 self._ready.wait(wake_at - now)
-            self._eager = False
+            self._eager = self._woken = False
             text = "".join(self._pending)
             self._pending.clear()
             return text, self.finished
 
-    def abort(self) -> None:
-        """Stop reading: the upstream connection is shut (from this thread)."""
+    def wake(self) -> None:
+        """Make the waiting ``take`` return now (from any thread)."""
         with self._ready:
-            self._aborted = True
+            self._woken = True
+            self._ready.notify()
+
+    def abort(self) -> None:
+        """Stop reading: the upstream connection is shut (from this thread).
+        The failure the pump's thread then sees is ours, not the provider's:
+        it is neither retried nor counted against the provider."""
+        with self._ready:
+            self._cancel.set()
             upstream = self.upstream
         if upstream is not None:
             upstream.abort()
@@ -154,14 +178,14 @@ class Pump:
         """The provider answered: from now on ``abort`` can cut its stream."""
         with self._ready:
             self.upstream = upstream
-            aborted = self._aborted
+            aborted = self._cancel.is_set()
         if aborted:
             upstream.abort()
 
     def _run(self) -> None:
         try:
             upstream, first = self._llm.stream(
-                self._messages, self._chain, self._budget, self._attach
+                self._messages, self._chain, self._budget, self._attach, self._cancel
             )
             self._attach(upstream)
             try:
@@ -176,7 +200,7 @@ class Pump:
             log.warning("llm stream went silent for longer than OPENAI_TIMEOUT")
             self.error = LLMTimeout()
         except Exception as error:  # a broken stream, whatever its shape
-            if not self._aborted:
+            if not self._cancel.is_set():
                 log.warning("llm stream broke: %s", type(error).__name__)
             self.error = LLMUnavailable()
         finally:
@@ -196,6 +220,7 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
     stream_ends_by = arrived + config["STREAM_MAX_SECONDS"]
     server = request.environ.get("ai_chat.server")
     pump = Pump(exchange)
+    forget_server = server.on_stop(pump.wake) if server is not None else lambda: None
     metrics.STREAMS_IN_FLIGHT.inc()
     outcome = "error"
     text: list[str] = []
@@ -206,6 +231,14 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
         changed = False
         while True:
             due = [last_write + keepalive, stream_ends_by]
+            stop_by = None
+            if server is not None and server.stopping_since is not None:
+                # Ended, its unit given back, before gunicorn's graceful timeout
+                # (REQUEST_DEADLINE + 5 s) kills the worker, even if its last
+                # write waits the whole write timeout.
+                stop_by = (server.stopping_since + config["REQUEST_DEADLINE"]
+                           - config["STREAM_WRITE_TIMEOUT"])
+                due.append(stop_by)
             if changed:
                 due.append(last_snapshot + interval)
             if not text:
@@ -232,9 +265,7 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
                 break
             if now >= stream_ends_by or (not text and now >= first_token_by):
                 raise LLMTimeout()
-            if server is not None and server.stopping_since is not None and (
-                now - server.stopping_since > config["REQUEST_DEADLINE"]
-            ):
+            if stop_by is not None and now >= stop_by:
                 raise ServiceUnavailable()
             if now - last_write >= keepalive:
                 last_write = now
@@ -261,5 +292,6 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
             error = ApiError()
         yield event("error", {"error": error.code, "message": error.message})
     finally:
+        forget_server()
         metrics.STREAMS_IN_FLIGHT.dec()
         metrics.STREAMS_ENDED.labels(outcome).inc()

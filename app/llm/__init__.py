@@ -14,6 +14,7 @@ is only logged.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import openai
@@ -29,16 +30,21 @@ from app.llm.providers import (
     Provider,
     Unusable,
     Upstream,
+    cancelled,
     complete,
     open_stream,
 )
 
-__all__ = ["LLM", "Completion", "Model", "Upstream"]
+__all__ = ["LLM", "Cancelled", "Completion", "Model", "Upstream"]
 
 log = logging.getLogger("app.llm")
 
 # Below this many seconds an attempt could not even connect.
 MIN_ATTEMPT_SECONDS = 0.05
+
+
+class Cancelled(Exception):
+    """The caller cancelled the call (a stream's client went away)."""
 
 
 class LLM:
@@ -108,24 +114,34 @@ class LLM:
             model, messages, self.settings, share
         ))
 
-    def stream(self, messages: list[dict], chain: list[Model], budget: float, on_open):
+    def stream(
+        self, messages: list[dict], chain: list[Model], budget: float, on_open,
+        cancel: threading.Event | None = None,
+    ):
         """Start a streamed answer: the first model of the chain to give a
         first piece within ``budget``. Returns (Upstream, first piece); the
         rest of the pieces come from ``Upstream.pieces`` with no retry or
         fallback any more (the client already has the first). ``on_open``
         gets each attempt's Upstream as soon as the provider answers.
 
-        Raises: as ``complete``.
+        ``cancel`` set (the client went away, and the caller cut the
+        upstream call): the failure that follows is our own doing, not the
+        provider's, so it is neither retried nor passed to a fallback nor
+        counted by the breaker.
+
+        Raises: as ``complete``, and Cancelled once ``cancel`` is set.
         """
         return self._walk(chain, budget, lambda model, share: open_stream(
-            model, messages, self.settings, share, on_open
-        ))
+            model, messages, self.settings, share, on_open, cancel
+        ), cancel)
 
-    def _walk(self, chain: list[Model], budget: float, call):
+    def _walk(self, chain: list[Model], budget: float, call, cancel=None):
         started = time.monotonic()
         last_error: Exception | None = None
         previous: Model | None = None
         for index, model in enumerate(chain):
+            if cancelled(cancel):
+                raise Cancelled()
             remaining = budget - (time.monotonic() - started)
             if remaining <= MIN_ATTEMPT_SECONDS:
                 break
@@ -146,18 +162,17 @@ class LLM:
                 outcome = "ok"
                 provider.breaker.record_success()
                 return result
-            except openai.APIStatusError as error:
-                if isinstance(error, TRANSIENT):
-                    outcome = self._failed(model, error)
-                    last_error, previous = error, model
-                    continue
-                # The provider is up and refuses this request: no fallback helps.
-                outcome = "rejected"
-                provider.breaker.record_success()
-                log.warning("llm %s@%s answered HTTP %s", model.name, provider.name,
-                            error.status_code)
-                raise LLMUnavailable() from None
             except (openai.OpenAIError, Unusable) as error:
+                if cancelled(cancel):  # we cut the call: the provider did nothing wrong
+                    outcome = "cancelled"
+                    raise Cancelled() from None
+                if isinstance(error, openai.APIStatusError) and not isinstance(error, TRANSIENT):
+                    # The provider is up and refuses this request: no fallback helps.
+                    outcome = "rejected"
+                    provider.breaker.record_success()
+                    log.warning("llm %s@%s answered HTTP %s", model.name, provider.name,
+                                error.status_code)
+                    raise LLMUnavailable() from None
                 outcome = self._failed(model, error)
                 last_error, previous = error, model
             finally:

@@ -138,17 +138,31 @@ def _body(model: Model, messages: list[dict], settings: CallSettings, **extra) -
     }
 
 
-# The budget of the request being retried, read by backoff as its retries start.
+# The budget of the request being retried, read by backoff as its retries start,
+# and the caller's cancellation (a stream whose client left), read by its giveup.
 _BUDGET: ContextVar[float] = ContextVar("ai_chat_llm_budget")
+_CANCEL: ContextVar[threading.Event | None] = ContextVar("ai_chat_llm_cancel", default=None)
 
 
-def with_retries(settings: CallSettings, budget: float, attempt):
-    """``attempt(timeout)`` retried on transient errors within ``budget`` s."""
-    token = _BUDGET.set(budget)
+def with_retries(
+    settings: CallSettings, budget: float, attempt, cancel: threading.Event | None = None
+):
+    """``attempt(timeout)`` retried on transient errors within ``budget`` s,
+    and not retried once ``cancel`` is set (the failure was our own doing)."""
+    budget_token, cancel_token = _BUDGET.set(budget), _CANCEL.set(cancel)
     try:
         return _retrying(settings)(attempt, settings, time.monotonic() + budget)
     finally:
-        _BUDGET.reset(token)
+        _BUDGET.reset(budget_token)
+        _CANCEL.reset(cancel_token)
+
+
+def cancelled(cancel: threading.Event | None) -> bool:
+    return cancel is not None and cancel.is_set()
+
+
+def _given_up(_error) -> bool:
+    return cancelled(_CANCEL.get())
 
 
 @functools.cache
@@ -163,6 +177,7 @@ def _retrying(settings: CallSettings):
         jitter=backoff.full_jitter,
         factor=settings.retry_base_delay,
         max_value=4,
+        giveup=_given_up,
         on_backoff=_log_retry,
         logger=None,
     )(_timed_attempt)
@@ -197,17 +212,42 @@ def complete(model: Model, messages: list[dict], settings: CallSettings, budget:
         try:
             answer = json.loads(response.content)
             text = answer["choices"][0]["message"]["content"]
-            usage = answer.get("usage") or {}
+            usage = answer.get("usage")
         except (ValueError, LookupError, TypeError, AttributeError) as error:
             # A 200 whose body is not a chat completion (an HTML error page…).
             raise Unusable(type(error).__name__) from None
         if not isinstance(text, str) or not text.strip():
             raise Unusable("empty answer")
-        tokens = usage.get("total_tokens") if isinstance(usage, dict) else 0
-        return Completion(text=text, tokens=tokens if isinstance(tokens, int) else 0,
-                          model=model.name)
+        return Completion(text=text, tokens=total_tokens(usage), model=model.name)
 
     return with_retries(settings, budget, attempt)
+
+
+def total_tokens(usage) -> int:
+    """The provider's ``usage.total_tokens`` when it is a count, else 0 (never a
+    guess, and never a value that would fail the bookkeeping after a save)."""
+    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+    if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens < 2**31:
+        return tokens
+    return 0
+
+
+def event_stream_lines(response: httpx2.Response) -> Iterator[str]:
+    """The lines of a provider's event stream, split at LF (or CRLF) only.
+
+    httpx's ``iter_lines`` follows ``str.splitlines``, which also breaks at
+    U+2028, U+2029 and U+0085: characters that JSON allows raw inside a string
+    and that providers writing UTF-8 JSON send as they are, so a ``data:`` line
+    would be cut in two. Bytes are split before decoding (in UTF-8 no
+    multi-byte character contains the LF byte).
+    """
+    rest = b""
+    for chunk in response.iter_bytes():
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+    if rest:
+        yield rest.rstrip(b"\r").decode("utf-8", "replace")
 
 
 class Upstream:
@@ -225,7 +265,7 @@ class Upstream:
         self.tokens = 0
         self.aborted = False
         self._lock = threading.Lock()
-        self.pieces = self._read(response.iter_lines())
+        self.pieces = self._read(event_stream_lines(response))
 
     def _read(self, lines) -> Iterator[str]:
         """The content pieces; Unusable when the provider reports an error in the
@@ -240,9 +280,8 @@ class Upstream:
             chunk = json.loads(data)
             if chunk.get("error"):
                 raise Unusable("error event in the stream")
-            usage = chunk.get("usage")
-            if usage:
-                self.tokens = usage.get("total_tokens") or 0
+            if chunk.get("usage"):
+                self.tokens = total_tokens(chunk["usage"])
             for choice in chunk.get("choices") or ():
                 finished = finished or bool(choice.get("finish_reason"))
                 text = (choice.get("delta") or {}).get("content")
@@ -269,7 +308,8 @@ class Upstream:
 
 
 def open_stream(
-    model: Model, messages: list[dict], settings: CallSettings, budget: float, on_open
+    model: Model, messages: list[dict], settings: CallSettings, budget: float, on_open,
+    cancel: threading.Event | None = None,
 ):
     """Start a streamed answer and wait for its first piece, retried within
     ``budget`` (nothing has reached the client before the first piece, so a
@@ -284,13 +324,18 @@ def open_stream(
 
     def attempt(timeout: float):
         # ``timeout`` (OPENAI_TIMEOUT, or less when less is left of the budget)
-        # bounds the connect and every read: the wait for the provider's first
-        # answer (until then nothing can abort the call), then each silence
-        # between pieces.
+        # bounds the connect and the wait for the provider's answer (until then
+        # nothing can abort the call).
         response = model.provider.client.post(
             "/chat/completions", cast_to=httpx2.Response, body=body, stream=True,
             options={"timeout": timeout},
         )
+        # The body's read timeout is taken when its first byte is read, and then
+        # bounds every silence of the stream: OPENAI_TIMEOUT, whatever a late
+        # retry had left of its budget for the head (the wait for the first
+        # piece stays bound by the caller's first-token deadline).
+        extensions = response.request.extensions
+        extensions["timeout"] = {**extensions.get("timeout", {}), "read": settings.timeout}
         upstream = Upstream(model, response)
         on_open(upstream)
         try:
@@ -309,7 +354,7 @@ def open_stream(
             raise Unusable("stream without content")
         return upstream, first
 
-    return with_retries(settings, budget, attempt)
+    return with_retries(settings, budget, attempt, cancel)
 
 
 def _log_retry(details) -> None:
