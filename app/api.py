@@ -30,6 +30,14 @@ class Api(flask_smorest.Api):
         return errors.http_error_response(error)
 
 
+def document_models(spec, models: list[str]) -> None:
+    """Name the configured models in the OpenAPI document (built at start-up):
+    a ``model`` outside them is a 422, so the schema says which are valid."""
+    schemas = spec.components.schemas
+    for schema, field in (("SendRequest", "model"), ("SettingsUpdate", "preferred_model")):
+        schemas[schema]["properties"][field]["enum"] = [*models, None]
+
+
 class TelegramIdConverter(IntegerConverter):
     """``<telegram_id:...>``: any integer in the path; the range (1 … 2^63−1) is
     checked by the view, so that out-of-range ids get 422 like in bodies."""

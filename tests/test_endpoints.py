@@ -653,6 +653,28 @@ def test_openapi_send_request_schema_lists_the_fields(spec):
     assert {"telegram_id", "message"} <= set(schema["required"])
 
 
+def test_openapi_names_the_configured_models_as_the_only_valid_ones(make_app):
+    app = make_app(LLM_PROVIDERS="backup=http://127.0.0.1:9/v1",
+                   LLM_MODELS="gpt-4o-mini@openai,qwen2.5-7b@backup")
+    spec = app.test_client().get("/openapi.json").get_json()
+    send = resolve(spec, spec["paths"]["/v1/chat/send"]["post"]["requestBody"]["content"]
+                   ["application/json"]["schema"])
+    settings = resolve(spec, spec["paths"]["/v1/chat/users/{telegram_id}/settings"]["put"]
+                       ["requestBody"]["content"]["application/json"]["schema"])
+
+    assert send["properties"]["model"]["enum"] == ["gpt-4o-mini", "qwen2.5-7b", None]
+    assert settings["properties"]["preferred_model"]["enum"] == ["gpt-4o-mini", "qwen2.5-7b", None]
+
+
+def test_openapi_says_request_id_and_the_idempotency_key_header_must_agree(spec):
+    operation = spec["paths"]["/v1/chat/send"]["post"]
+    body = resolve(spec, operation["requestBody"]["content"]["application/json"]["schema"])
+    header = next(p for p in operation["parameters"] if p["name"] == "Idempotency-Key")
+
+    assert "422" in body["properties"]["request_id"]["description"]
+    assert "422" in header["description"]
+
+
 def test_openapi_declares_the_api_key_scheme(spec):
     schemes = spec["components"]["securitySchemes"].values()
 

@@ -107,7 +107,8 @@ class SendRequest(Schema):
         load_default=None,
         validate=valid_request_id,
         metadata={
-            "description": "Idempotency key",
+            "description": "Idempotency key; when the Idempotency-Key header is given too, "
+                           "the two must be equal (else 422 validation_error)",
             "example": "upd-12345:1",
             "pattern": REQUEST_ID_DOC,
         },
@@ -150,7 +151,8 @@ class IdempotencyHeader(Schema):
         load_default=None,
         validate=valid_request_id,
         metadata={
-            "description": "Idempotency key; same rules as request_id",
+            "description": "Idempotency key; same rules as request_id, and equal to it when "
+                           "both are given (else 422 validation_error)",
             "pattern": REQUEST_ID_DOC,
         },
     )
