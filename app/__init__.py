@@ -22,6 +22,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     """
     from app import cli, config, errors, logs, metrics, sql
     from app.api import document_models
+    from app.chat.memory import Folder
     from app.chat.routes import blp as chat_blp
     from app.extensions import api, db, migrate
     from app.health.routes import blp as health_blp
@@ -70,6 +71,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     metrics.init_app(app)
     cli.init_app(app)
     app.extensions["llm"] = LLM(app.config)
+    app.extensions["memory"] = Folder(app)
     document_models(api.spec, app.extensions["llm"].names)
     app.add_url_rule(
         f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file

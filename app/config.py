@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -271,6 +272,85 @@ def server_settings(env: Mapping) -> dict:
     }
 
 
+def _money(env: Mapping, name: str) -> Decimal | None:
+    """An amount in PRICE_CURRENCY (unset = None), exact: Decimal, never a float."""
+    raw = env_text(env, name)
+    if raw is None:
+        return None
+    try:
+        value = Decimal(raw)
+    except InvalidOperation:
+        raise ConfigError(f"{name}={raw!r} is not an amount (e.g. 1.50)") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{name}={raw!r} must be an amount of 0 or more")
+    return value
+
+
+def spend_settings(env: Mapping, models: Mapping[str, str]) -> dict:
+    """Prices, currency, the spend cap and the spend alert (contract, "Spend in money").
+
+    ``LLM_PRICES``: ``model=<input>:<output>`` per million tokens, comma-separated.
+
+    Raises:
+        ConfigError: a malformed price, a price of a model that is not configured.
+    """
+    prices: dict[str, tuple[Decimal, Decimal]] = {}
+    for pair in _names(env, "LLM_PRICES"):
+        model, sep, rates = pair.rpartition("=")
+        given, colon, taken = rates.partition(":")
+        try:
+            rate = (Decimal(given), Decimal(taken))
+        except InvalidOperation:
+            rate = None
+        if not sep or not colon or rate is None or not all(
+            r.is_finite() and r >= 0 for r in rate
+        ):
+            raise ConfigError(
+                f"LLM_PRICES: {pair!r} is not model=<input>:<output> (per million tokens, "
+                "e.g. gpt-4o-mini=0.15:0.60)"
+            )
+        if model not in models:
+            raise ConfigError(
+                f"LLM_PRICES: {model!r} is not one of LLM_MODELS ({', '.join(models)})"
+            )
+        prices[model] = rate
+    currency = env_text(env, "PRICE_CURRENCY", "USD")
+    if not re.fullmatch(r"[A-Z]{3}", currency):
+        raise ConfigError(f"PRICE_CURRENCY={currency!r} must be a currency code like USD or RUB")
+    return {
+        "LLM_PRICES": prices,
+        "PRICE_CURRENCY": currency,
+        "DAILY_SPEND_LIMIT": _money(env, "DAILY_SPEND_LIMIT"),
+        "ALERT_SPEND_PER_HOUR": _money(env, "ALERT_SPEND_PER_HOUR"),
+    }
+
+
+def env_flag(env: Mapping, name: str, default: bool) -> bool:
+    """A yes/no setting: true/false, 1/0, yes/no, on/off."""
+    raw = env_text(env, name)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
+def memory_settings(env: Mapping, models: Mapping[str, str], default_model: str) -> dict:
+    """The summary of long conversations (contract, "Memory of long conversations")."""
+    model = env_text(env, "SUMMARY_MODEL", default_model)
+    if model not in models:
+        raise ConfigError(f"SUMMARY_MODEL={model!r} is not one of LLM_MODELS ({', '.join(models)})")
+    return {
+        "SUMMARY_ENABLED": env_flag(env, "SUMMARY_ENABLED", True),
+        "SUMMARY_MODEL": model,
+        "SUMMARY_MAX_CHARS": env_number(env, "SUMMARY_MAX_CHARS", 1500, int, 200, 20000),
+        "SUMMARY_EVERY": env_number(env, "SUMMARY_EVERY", 5, int, 1, 1000),
+    }
+
+
 def load_config(env: Mapping) -> dict:
     """Parse the environment mapping into Flask config values.
 
@@ -307,6 +387,7 @@ def load_config(env: Mapping) -> dict:
         "threads": server["threads"],
     }
     deadline = server["llm_deadline"]
+    llm = llm_settings(env)
     return {
         "API_KEYS": api_keys,
         "ADMIN_API_KEY": admin_key,
@@ -318,7 +399,9 @@ def load_config(env: Mapping) -> dict:
         "SQLALCHEMY_ENGINE_OPTIONS": _engine_options(url, pool),
         "SQL_TIMEOUTS": sql_timeouts(url, env),
         "MAX_CONTENT_LENGTH": env_number(env, "MAX_CONTENT_LENGTH", 64 * 1024, int, 1024),
-        **llm_settings(env),
+        **llm,
+        **spend_settings(env, llm["LLM_MODELS"]),
+        **memory_settings(env, llm["LLM_MODELS"], llm["LLM_DEFAULT_MODEL"]),
         "OPENAI_TEMPERATURE": env_number(env, "OPENAI_TEMPERATURE", 0.7, float, 0.0, 2.0),
         "OPENAI_MAX_TOKENS": env_number(env, "OPENAI_MAX_TOKENS", 1000, int, 1),
         "OPENAI_TIMEOUT": env_number(env, "OPENAI_TIMEOUT", min(20.0, deadline), float, 0.1),

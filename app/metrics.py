@@ -57,7 +57,14 @@ LLM_DURATION = Histogram(
     buckets=BUCKETS,
 )
 LLM_TOKENS = Counter(
-    "ai_chat_llm_tokens_total", "Tokens used by answered requests", ["model", "provider"]
+    "ai_chat_llm_tokens_total",
+    "Tokens used by model calls that answered (answers, tool rounds, summaries)",
+    ["model", "provider"],
+)
+LLM_COST = Counter(
+    "ai_chat_llm_cost_total",
+    "Cost of model calls in PRICE_CURRENCY (models with a price in LLM_PRICES)",
+    ["model"],
 )
 LLM_FALLBACKS = Counter(
     "ai_chat_llm_fallbacks_total",
@@ -91,6 +98,15 @@ USER_CONTEXT_FETCHES = Counter(
     ["outcome"],
 )
 DATABASE_ERRORS = Counter("ai_chat_database_errors_total", "Database outages seen by requests")
+SUMMARY_FOLDS = Counter(
+    "ai_chat_summary_folds_total",
+    "Background folds of older exchanges into a summary, by outcome "
+    "(ok, failed, busy, not_due, dropped, error)",
+    ["outcome"],
+)
+SUMMARY_DURATION = Histogram(
+    "ai_chat_summary_duration_seconds", "Time of the summary model's call", buckets=BUCKETS
+)
 
 
 def _registry():

@@ -14,6 +14,7 @@ writers behind it:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -39,10 +40,20 @@ def column_exists(table: str, column: str) -> bool:
     return column in {c["name"] for c in sa.inspect(op.get_bind()).get_columns(table)}
 
 
-def create_index(name: str, table: str, columns: list[str], *, unique: bool = False) -> None:
-    """Create the index unless it exists, never blocking the table's writers."""
+def create_index(
+    name: str, table: str, columns: list[str], *, unique: bool = False, where: str | None = None
+) -> None:
+    """Create the index (partial with ``where``) unless it exists, never
+    blocking the table's writers."""
+    if where is not None:
+        condition = sa.text(where)
+        create = functools.partial(
+            op.create_index, postgresql_where=condition, sqlite_where=condition
+        )
+    else:
+        create = op.create_index
     if not postgresql():
-        op.create_index(name, table, columns, unique=unique, if_not_exists=True)
+        create(name, table, columns, unique=unique, if_not_exists=True)
         return
     with op.get_context().autocommit_block():
         # A concurrent build that failed (or was killed) leaves an INVALID
@@ -56,7 +67,7 @@ def create_index(name: str, table: str, columns: list[str], *, unique: bool = Fa
         ).first()
         if invalid:
             op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
-        op.create_index(
+        create(
             name, table, columns, unique=unique, postgresql_concurrently=True, if_not_exists=True
         )
 

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    Numeric,
     String,
     Text,
     TypeDecorator,
@@ -28,6 +29,12 @@ from app.extensions import db
 # Alembic's state of this service's schema. The main server keeps its own in
 # ``alembic_version`` of the same database, which we never read or write.
 MIGRATION_VERSION_TABLE = "ai_chat_alembic_version"
+
+
+# Money: exact decimals in PostgreSQL. The app reads and writes it through the
+# DBAPI (Decimal in psycopg2); ``asdecimal=False`` keeps SQLAlchemy from
+# converting (and warning) on SQLite, which has no decimal type.
+MONEY = Numeric(18, 8, asdecimal=False)
 
 
 class UTCDateTime(TypeDecorator):
@@ -62,6 +69,13 @@ class ChatRequest(db.Model):
     created_at = Column(UTCDateTime(), nullable=False)
     # The model that answered; null on rows the old service wrote.
     model = Column(String(200), nullable=True)
+    # The seller-data tools the answer ran, comma-separated ("" = none).
+    tools = Column(Text, nullable=True)
+    # The answer's tokens (every tool round included) and their cost in
+    # PRICE_CURRENCY (null: the model has no price); null on old rows.
+    prompt_tokens = Column(Integer, nullable=True)
+    completion_tokens = Column(Integer, nullable=True)
+    cost = Column(MONEY, nullable=True)
 
     __table_args__ = (
         # The old service's indexes (index=True on these columns).
@@ -88,6 +102,11 @@ class DailyLimit(db.Model):
     created_at = Column(UTCDateTime(), nullable=False)
     # Nullable as the old service made it: its writers insert rows without it.
     updated_at = Column(UTCDateTime(), nullable=True)
+    # The cost of the counter day's model calls, and the estimate held by the
+    # answers in flight: the spend cap is checked against both, in the
+    # reservation itself (app/chat/quota.py). Null = nothing spent.
+    spend = Column(MONEY, nullable=True)
+    spend_reserved = Column(MONEY, nullable=True)
 
     __table_args__ = (
         Index("ix_ai_chat_daily_limits_id", "id"),
@@ -132,10 +151,66 @@ class UserSettings(db.Model):
     # 0 = unlimited, as DAILY_LIMIT; read inside the quota reservation itself.
     daily_limit = Column(Integer, nullable=True)
     updated_at = Column(UTCDateTime(), nullable=False)
+    # Money a day in PRICE_CURRENCY (null = DAILY_SPEND_LIMIT applies).
+    daily_spend_limit = Column(MONEY, nullable=True)
 
     __table_args__ = (
         CheckConstraint("daily_limit IS NULL OR daily_limit >= 0",
                         name="ck_ai_chat_user_settings_limit"),
+    )
+
+
+class LLMCall(db.Model):
+    """One call of a model and what it cost: the answer, a tool round before
+    it, or a summary of older exchanges (the spend report's rows)."""
+
+    __tablename__ = "ai_chat_llm_calls"
+
+    id = Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    telegram_id = Column(BigInteger, nullable=False)
+    # Kept when the history is deleted (spend is the operator's record).
+    chat_request_id = Column(
+        Integer, ForeignKey("ai_chat_requests.id", ondelete="SET NULL"), nullable=True
+    )
+    purpose = Column(String(16), nullable=False)
+    model = Column(String(200), nullable=True)
+    prompt_tokens = Column(Integer, nullable=False)
+    completion_tokens = Column(Integer, nullable=False)
+    cost = Column(MONEY, nullable=True)
+    usage_date = Column(Date, nullable=False)  # the quota day, service time zone
+    created_at = Column(UTCDateTime(), nullable=False)
+
+    __table_args__ = (
+        CheckConstraint("purpose IN ('answer', 'tool_round', 'summary')",
+                        name="ck_ai_chat_llm_calls_purpose"),
+        Index("ix_ai_chat_llm_calls_usage_date", "usage_date"),
+        Index("ix_ai_chat_llm_calls_telegram_id_usage_date", "telegram_id", "usage_date"),
+        Index("ix_ai_chat_llm_calls_chat_request_id", "chat_request_id"),
+    )
+
+
+class Summary(db.Model):
+    """A seller's rolling summary of the exchanges older than the context
+    window, written off the request's path (app/chat/memory.py)."""
+
+    __tablename__ = "ai_chat_summaries"
+
+    telegram_id = Column(BigInteger, primary_key=True, autoincrement=False)
+    summary = Column(Text, nullable=True)
+    # The newest ai_chat_requests.id folded into the summary.
+    covers_until = Column(Integer, nullable=True)
+    # A fold is due (durable: a restart loses nothing); null when none is.
+    due_at = Column(UTCDateTime(), nullable=True)
+    # Who folds now, until when: one process per user at a time.
+    lease_token = Column(String(32), nullable=True)
+    lease_until = Column(UTCDateTime(), nullable=True)
+    failures = Column(Integer, nullable=False)
+    updated_at = Column(UTCDateTime(), nullable=False)
+
+    __table_args__ = (
+        Index("ix_ai_chat_summaries_due_at", "due_at",
+              postgresql_where=text("due_at IS NOT NULL"),
+              sqlite_where=text("due_at IS NOT NULL")),
     )
 
 

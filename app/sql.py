@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
+from decimal import Decimal
 
 from flask import current_app
 from sqlalchemy import event
@@ -47,11 +48,14 @@ class Statement:
 
 
 def _sqlite_value(value):
-    """What SQLAlchemy stores in SQLite for dates and aware datetimes."""
+    """What SQLAlchemy stores in SQLite for dates and aware datetimes; money as
+    its exact text (SQLite has no decimal type to bind)."""
     if isinstance(value, datetime):
         return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
     if isinstance(value, date):
         return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
     return value
 
 

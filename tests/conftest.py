@@ -26,7 +26,8 @@ from tests.servers import API_KEY  # noqa: E402
 
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres")
 TABLES = (
-    "ai_chat_idempotency_keys", "ai_chat_requests", "ai_chat_daily_limits", "ai_chat_user_settings"
+    "ai_chat_idempotency_keys", "ai_chat_requests", "ai_chat_daily_limits", "ai_chat_user_settings",
+    "ai_chat_llm_calls", "ai_chat_summaries",
 )
 
 

@@ -901,6 +901,7 @@ def test_clients_leaving_before_the_first_token_never_open_a_healthy_providers_b
     """Our own abort of the upstream call is not the provider's failure: no
     retry, no breaker count; the next stream is answered by the same provider."""
     url = serve(OPENAI_MAX_RETRIES="2", LLM_BREAKER_FAILURES="2")
+    before = llm_request_outcomes(url)
     for left in range(1, 4):
         fake_llm.script(stream_ok(ANSWER, pieces=PIECES, first_token_delay=6.0))
         read_keep_alives_then_leave(url, 2)
@@ -916,7 +917,16 @@ def test_clients_leaving_before_the_first_token_never_open_a_healthy_providers_b
 
     assert reading.last().name == "done"
     assert fake_llm.calls == 4
-    llm_requests = {
+    after = llm_request_outcomes(url)
+    counted = {outcome: after[outcome] - before.get(outcome, 0) for outcome in after}
+    assert counted.get("cancelled") == 3
+    assert counted.get("unavailable", 0) == 0
+    assert counted.get("ok") == 1
+
+
+def llm_request_outcomes(url: str) -> dict[str, float]:
+    """ai_chat_llm_requests_total of MODEL by outcome, as /metrics says now."""
+    return {
         sample.labels["outcome"]: sample.value
         for family in text_string_to_metric_families(
             httpx2.get(f"{url}/metrics", trust_env=False).text
@@ -925,8 +935,6 @@ def test_clients_leaving_before_the_first_token_never_open_a_healthy_providers_b
         for sample in family.samples
         if sample.name == "ai_chat_llm_requests_total" and sample.labels["model"] == MODEL
     }
-    assert llm_requests.get("cancelled") == 3
-    assert "unavailable" not in llm_requests
 
 
 # --- a late retry leaves OPENAI_TIMEOUT to every silence ---------------------------------
@@ -954,13 +962,14 @@ def test_silences_after_a_late_retry_are_bound_by_openai_timeout_not_the_leftove
 
 
 @pytest.mark.parametrize(
-    "usage",
-    [{"total_tokens": "many"}, {"total_tokens": -5}, {"total_tokens": 1.5},
-     {"total_tokens": True}, {"total_tokens": None}, {"prompt_tokens": 3}],
-    ids=["text", "negative", "float", "bool", "null", "no-total"],
+    ("usage", "counted"),
+    [({"total_tokens": "many"}, 0), ({"total_tokens": -5}, 0), ({"total_tokens": 1.5}, 0),
+     ({"total_tokens": True}, 0), ({"total_tokens": None}, 0),
+     ({"prompt_tokens": 3, "completion_tokens": "x"}, 3)],
+    ids=["text", "negative", "float", "bool", "null", "parts-only"],
 )
-def test_a_malformed_usage_is_zero_tokens_of_a_saved_answer_never_an_error(
-    serve, fake_llm, sql, usage
+def test_a_malformed_usage_counts_only_real_counts_of_a_saved_answer_never_an_error(
+    serve, fake_llm, sql, usage, counted
 ):
     fake_llm.script(stream_ok(ANSWER, pieces=PIECES, usage=usage))
 
@@ -968,8 +977,8 @@ def test_a_malformed_usage_is_zero_tokens_of_a_saved_answer_never_an_error(
 
     assert reading.names()[-1] == "done"
     assert "error" not in reading.names()
-    assert reading.last().data["tokens_used"] == 0
-    assert stored_rows(sql) == [(MESSAGE, ANSWER, 0, MODEL)]
+    assert reading.last().data["tokens_used"] == counted
+    assert stored_rows(sql) == [(MESSAGE, ANSWER, counted, MODEL)]
     assert request_count(sql) == 1
 
 

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from app.chat.quota import USER_LIMIT_SQL
 from app.errors import IdempotencyKeyReused, RequestInProgress
-from app.sql import Connection, Statement, transaction
+from app.sql import Connection, Statement
 
 _CLAIM = Statement(
     """
@@ -55,44 +55,6 @@ _FORGET = Statement(
     "DELETE FROM ai_chat_idempotency_keys "
     "WHERE telegram_id = :telegram_id AND chat_request_id IS NOT NULL"
 )
-
-_INSERT_EXCHANGE = """
-    INSERT INTO ai_chat_requests
-        (telegram_id, user_id, message, response, tokens_used, request_date, created_at, model)
-    {source}
-    RETURNING id
-"""
-_VALUES = (
-    ":telegram_id, :user_id, :message, :response, :tokens_used, :request_date, "
-    ":created_at, :model"
-)
-SAVE = Statement(_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})"))
-
-# PostgreSQL: store the exchange and point the key at it in one statement,
-# and only while the claim is still ours (the row lock keeps a takeover out
-# until we commit; a takeover that came first leaves nothing to insert).
-_SAVE_COMPLETING_PG = Statement(
-    f"""
-    WITH claim AS (
-        SELECT id FROM ai_chat_idempotency_keys
-        WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL
-        FOR UPDATE
-    ), saved AS (
-        {_INSERT_EXCHANGE.format(source=f"SELECT {_VALUES} FROM claim")}
-    )
-    UPDATE ai_chat_idempotency_keys AS k SET chat_request_id = saved.id
-    FROM saved WHERE k.id = :claim_id
-    RETURNING k.id
-    """
-)
-_OWNED = Statement(
-    "SELECT id FROM ai_chat_idempotency_keys "
-    "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
-)
-_COMPLETE = Statement(
-    "UPDATE ai_chat_idempotency_keys SET chat_request_id = :row_id WHERE id = :claim_id"
-)
-
 
 @dataclass(frozen=True)
 class Claim:
@@ -154,20 +116,6 @@ def claim_key(
     if response is None:
         raise RequestInProgress()
     return StoredAnswer(response, tokens or 0, model, limit, used or 0)
-
-
-def save_completing(conn: Connection, values: dict, claim: Claim) -> bool:
-    """Store the exchange and point the claim at it, atomically; False (and
-    nothing stored) when the claim is no longer ours."""
-    params = {**values, "claim_id": claim.id, "token": claim.token}
-    if conn.dialect_name == "postgresql":
-        return bool(conn.run(_SAVE_COMPLETING_PG, params))
-    with transaction(conn):
-        if not conn.run(_OWNED, params):
-            return False
-        row_id = conn.run(SAVE, values)[0][0]
-        conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
-    return True
 
 
 def release_key(conn: Connection, claim: Claim) -> None:

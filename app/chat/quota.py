@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from app.chat.memory import Memory
 from app.sql import Connection, Statement, as_date, run
 
 # A new user gets a row with 1. An existing row is bumped when it is under
@@ -47,11 +48,13 @@ USER_LIMIT_SQL = (
 )
 
 # PostgreSQL: the reservation, the user's settings, the counter behind a 429
-# and the context of a granted request, in one round trip. The counter is
-# read only when the reservation was refused (the CASEs), the context rows only
-# when it was granted (the LATERAL's condition). The counter is two CASE
-# subqueries rather than one join on its row: the join cost the granted path
-# 7-12% of PostgreSQL's CPU at 50 and 200 clients (pgbench, bench/ceiling.py).
+# and, for a granted request, its context and memory (the summary and the fold
+# marker, app/chat/memory.py), in one round trip. The counter is read only
+# when the reservation was refused (the CASEs), the context and memory only
+# when it was granted (the joins' conditions; ``:memory`` false turns the
+# memory's off). The counter is two CASE subqueries rather than one join on
+# its row: the join cost the granted path 7-12% of PostgreSQL's CPU at 50 and
+# 200 clients (pgbench, bench/ceiling.py).
 _RESERVE_PG = Statement(
     f"""
     WITH settings AS (
@@ -72,9 +75,17 @@ _RESERVE_PG = Statement(
            CASE WHEN r.request_count IS NULL THEN
                (SELECT last_reset_date FROM ai_chat_daily_limits
                 WHERE telegram_id = :telegram_id) END,
+           m.summary, m.covers_until, f.id,
            c.message, c.response
     FROM quota AS q
     LEFT JOIN reserved AS r ON TRUE
+    LEFT JOIN ai_chat_summaries AS m
+        ON :memory AND r.request_count IS NOT NULL AND m.telegram_id = :telegram_id
+    LEFT JOIN LATERAL (
+        SELECT id FROM ai_chat_requests
+        WHERE :memory AND telegram_id = :telegram_id AND r.request_count IS NOT NULL
+        ORDER BY id DESC OFFSET :fold_offset LIMIT 1
+    ) AS f ON TRUE
     LEFT JOIN LATERAL (
         SELECT id, message, response FROM ai_chat_requests
         WHERE telegram_id = :telegram_id AND r.request_count IS NOT NULL
@@ -188,7 +199,8 @@ class Reservation:
     ``day`` is the quota day the user's counter is on after the statement
     (the request's own day, or a later one): the day to report (reset time,
     RateLimit headers) and, when granted, the day to refund on. ``context``
-    is None when it still has to be read (SQLite, ``recent_exchanges``).
+    and ``memory`` are None when they still have to be read (SQLite:
+    ``recent_exchanges``, ``memory.read_memory``).
     """
 
     usage: Usage
@@ -196,6 +208,7 @@ class Reservation:
     counted_on: date | None
     preferred_model: str | None = None
     context: list[tuple[str, str]] | None = field(default_factory=list)
+    memory: Memory | None = field(default_factory=Memory)
 
     @property
     def granted(self) -> bool:
@@ -203,12 +216,14 @@ class Reservation:
 
 
 def reserve(
-    conn: Connection, telegram_id: int, day: Day, default_limit: int, context: int
+    conn: Connection, telegram_id: int, day: Day, default_limit: int, context: int,
+    fold_offset: int | None = None,
 ) -> Reservation:
     """Take one unit of the user's quota in one statement (committed at once).
 
     Also returns the user's preferred model and, when granted, their last
-    ``context`` exchanges oldest first (same round trip; on PostgreSQL only).
+    ``context`` exchanges oldest first and, unless ``fold_offset`` is None
+    (no summaries), their memory (same round trip; on PostgreSQL only).
     """
     params = {
         "telegram_id": telegram_id,
@@ -216,17 +231,21 @@ def reserve(
         "now": day.now,
         "default_limit": default_limit,
         "context": context,
+        "memory": fold_offset is not None,
+        "fold_offset": fold_offset or 0,
     }
     if conn.dialect_name == "postgresql":
         rows = conn.run(_RESERVE_PG, params)
         count, counted_on, limit, preferred, refused_count, refused_on = rows[0][:6]
-        exchanges = [(row[6], row[7]) for row in reversed(rows) if row[6] is not None]
         if count is None:
             return Reservation(
                 _refused(limit, refused_count), day.at_least(refused_on), None, preferred
             )
+        memory = Memory(*rows[0][6:9]) if fold_offset is not None else Memory()
+        exchanges = [(row[9], row[10]) for row in reversed(rows) if row[9] is not None]
         return Reservation(
-            Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges
+            Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges,
+            memory,
         )
     rows = conn.run(_RESERVE_SQLITE, params)
     if not rows:
@@ -236,9 +255,12 @@ def reserve(
         )
     count, counted_on, limit, preferred = rows[0]
     counted_on = as_date(counted_on)
-    # The context is read by the caller (``recent_exchanges``), after the unit
-    # is safely taken: a failure there must give the unit back.
-    return Reservation(Usage(limit, count), day.at_least(counted_on), counted_on, preferred, None)
+    # The context and memory are read by the caller (``recent_exchanges``,
+    # ``memory.read_memory``), after the unit is safely taken: a failure there
+    # must give the unit back.
+    return Reservation(
+        Usage(limit, count), day.at_least(counted_on), counted_on, preferred, None, None
+    )
 
 
 def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tuple[str, str]]:

@@ -230,3 +230,12 @@ class Settings(MethodView):
         if "daily_limit" in body:
             require_admin_key()
         return service.update_user_settings(checked_telegram_id(telegram_id), body)
+
+
+@blp.route("/users/<telegram_id:telegram_id>/memory")
+class UserMemory(MethodView):
+    @blp.response(200, schemas.MemoryResponse)
+    @_errors(422, 503)
+    def get(self, telegram_id):
+        """The summary of the user's older exchanges (memory of long conversations)"""
+        return service.user_memory(checked_telegram_id(telegram_id))

@@ -259,3 +259,20 @@ class SettingsResponse(Schema):
     models = fields.List(
         fields.String(), required=True, metadata=ex(["gpt-4o-mini", "qwen2.5-7b"])
     )
+
+
+class MemoryResponse(Schema):
+    telegram_id = fields.Integer(required=True, metadata=ex(123456789))
+    summary = fields.String(
+        required=True, allow_none=True,
+        metadata=ex("- Продаёт женские кроссовки на WB, склад Коледино…",
+                    "The summary of the exchanges older than the context; null before the "
+                    "first one"),
+    )
+    covers_until = fields.Integer(
+        required=True, allow_none=True,
+        metadata=ex(1017, "The id (history's) of the newest exchange it covers"),
+    )
+    updated_at = fields.AwareDateTime(
+        required=True, allow_none=True, metadata=ex("2026-12-02T10:15:00+00:00")
+    )

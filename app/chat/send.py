@@ -19,17 +19,18 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 from flask import current_app
 
 from app import metrics, sql
-from app.chat import idempotency, prompts, quota
+from app.chat import idempotency, memory, prompts, quota, records, spend
 from app.chat.quota import Day, Usage
 from app.chat.service import current_day
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import DATABASE_OUTAGE, ApiError, DailyLimitExceeded, RequestInProgress
+from app.llm import Tokens
 from app.logs import annotate
 from app.render import Rendered, render
 from app.user_context import fetch_user_context
@@ -139,6 +140,10 @@ class Exchange:
         self.reservation: quota.Reservation | None = None
         self.chain = None
         self.messages: list[dict] = []
+        # The model calls of the answer and their tokens, and the tools it ran.
+        self.calls: list[records.Call] = []
+        self.tokens = Tokens()
+        self.tools_used: list[str] = []
         self._settled = False
         annotate(telegram_id=command.telegram_id, message_chars=len(command.message))
 
@@ -172,6 +177,7 @@ class Exchange:
                 self.reservation = quota.reserve(
                     conn, command.telegram_id, self.day, default_limit,
                     self.config["CONTEXT_MESSAGES"],
+                    memory.fold_offset(self.config) if self.config["SUMMARY_ENABLED"] else None,
                 )
             except BaseException as error:
                 failure = error
@@ -193,14 +199,19 @@ class Exchange:
         try:
             self.chain = self.llm.route(command.model, self.reservation.preferred_model)
             context = self.reservation.context
-            if context is None:
+            if context is None:  # SQLite: read after the reservation
                 with sql.connection() as conn:
                     context = quota.recent_exchanges(
                         conn, command.telegram_id, self.config["CONTEXT_MESSAGES"]
                     )
+                    if self.config["SUMMARY_ENABLED"]:
+                        self.reservation = replace(self.reservation, memory=memory.read_memory(
+                            conn, command.telegram_id, memory.fold_offset(self.config)
+                        ))
             self.messages = prompts.build_messages(
                 command.message, context, self._personalisation(),
                 self.config["CONTEXT_MAX_CHARS"],
+                self.reservation.memory.summary if self.reservation.memory else None,
             )
         except BaseException as error:
             self.abandon(error)
@@ -231,8 +242,9 @@ class Exchange:
         self.watch.lap("llm")
         return self.finish(completion.text, completion.tokens, completion.model)
 
-    def finish(self, text: str, tokens: int, model: str) -> Answer:
-        """Save the answer (and complete the key); the unit stays spent.
+    def finish(self, text: str, tokens: Tokens, model: str) -> Answer:
+        """Save the answer (and complete the key, and record its model calls);
+        the unit stays spent.
 
         An answer whose save fails after retries is still returned: the
         seller was charged for it and gets it; the missing row is logged.
@@ -243,25 +255,27 @@ class Exchange:
         """
         command = self.command
         text = storable(text)
+        self.calls.append(spend.priced_call("answer", model, tokens))
+        self.tokens += tokens
         values = {
             "telegram_id": command.telegram_id,
             "user_id": command.user_id,
             "message": command.message,
             "response": text,
-            "tokens_used": tokens,
+            "tokens_used": self.tokens.total,
             "request_date": self.reservation.counted_on,
             "created_at": self.day.now,
             "model": model,
+            "tools": ",".join(self.tools_used),
+            "prompt_tokens": self.tokens.prompt,
+            "completion_tokens": self.tokens.completion,
+            "cost": spend.total_cost(self.calls),
         }
         try:
-            if self.claim is None:
-                saved = self._write(lambda conn: bool(conn.run(idempotency.SAVE, values)),
-                                    "save an answer")
-            else:
-                saved = self._write(
-                    lambda conn: idempotency.save_completing(conn, values, self.claim),
-                    "save an answer",
-                )
+            saved = self._write(
+                lambda conn: records.save_answer(conn, values, self.calls, self.claim),
+                "save an answer",
+            )
         except DATABASE_OUTAGE:
             log.error("answer delivered without its history row (database unavailable)")
             saved = True
@@ -277,15 +291,18 @@ class Exchange:
         self.watch.lap("save")
         timings = self.watch.total()
         try:
-            self.llm.count_tokens(model, tokens)
+            for call in self.calls:
+                spend.count_call(call)
             for phase, ms in timings.items():
                 metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
             annotate(outcome="answered", llm_ms=round(timings.get("llm", 0.0), 1),
-                     tokens=tokens, model=model)
+                     tokens=self.tokens.total, model=model)
+            if self.reservation.memory is not None and self.reservation.memory.fold_due_after_save:
+                current_app.extensions["memory"].schedule(command.telegram_id)
         except Exception:  # bookkeeping never turns a saved, charged answer into an error
             log.exception("bookkeeping of a saved answer failed")
         usage = self.reservation.usage
-        return Answer(text, tokens, model, usage, self.day, command.format, timings)
+        return Answer(text, self.tokens.total, model, usage, self.day, command.format, timings)
 
     def abandon(self, error: BaseException) -> None:
         """Refund the unit and free the key of a request that got no answer."""

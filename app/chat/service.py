@@ -12,7 +12,7 @@ from flask import current_app
 from sqlalchemy import func, select
 
 from app import sql
-from app.chat import idempotency, quota
+from app.chat import idempotency, memory, quota
 from app.chat.quota import Day
 from app.extensions import db
 from app.models import ChatRequest
@@ -51,11 +51,19 @@ def history(telegram_id: int, limit: int, offset: int, format: str) -> dict:
 
 
 def delete_history(telegram_id: int) -> dict:
-    """Forget the user's exchanges and idempotency keys; quota counters stay."""
+    """Forget the user's exchanges, their summary and idempotency keys; quota
+    counters (and the spend records, which hold no text) stay."""
     with sql.connection() as conn, sql.transaction(conn):
         idempotency.forget_keys(conn, telegram_id)
+        # A fold in flight finds its lease gone with the row and drops its summary.
+        conn.run(memory.FORGET, {"telegram_id": telegram_id})
         deleted = conn.count(_DELETE_HISTORY, {"telegram_id": telegram_id})
     return {"telegram_id": telegram_id, "deleted": deleted}
+
+
+def user_memory(telegram_id: int) -> dict:
+    """The summary of the user's older exchanges (null before the first fold)."""
+    return memory.read(telegram_id)
 
 
 def limits(telegram_id: int) -> dict:

@@ -28,6 +28,7 @@ from app.llm.providers import (
     Completion,
     Model,
     Provider,
+    Tokens,
     Unusable,
     Upstream,
     cancelled,
@@ -35,7 +36,7 @@ from app.llm.providers import (
     open_stream,
 )
 
-__all__ = ["LLM", "Cancelled", "Completion", "Model", "Upstream"]
+__all__ = ["LLM", "Cancelled", "Completion", "Model", "Tokens", "Upstream"]
 
 log = logging.getLogger("app.llm")
 

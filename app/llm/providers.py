@@ -121,9 +121,22 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """What a provider reported it used (0 when it reported nothing: never a guess)."""
+
+    prompt: int = 0
+    completion: int = 0
+    total: int = 0
+
+    def __add__(self, other: Tokens) -> Tokens:
+        return Tokens(self.prompt + other.prompt, self.completion + other.completion,
+                      self.total + other.total)
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
-    tokens: int
+    tokens: Tokens
     model: str
 
 
@@ -218,17 +231,26 @@ def complete(model: Model, messages: list[dict], settings: CallSettings, budget:
             raise Unusable(type(error).__name__) from None
         if not isinstance(text, str) or not text.strip():
             raise Unusable("empty answer")
-        return Completion(text=text, tokens=total_tokens(usage), model=model.name)
+        return Completion(text=text, tokens=token_usage(usage), model=model.name)
 
     return with_retries(settings, budget, attempt)
 
 
-def total_tokens(usage) -> int:
-    """The provider's ``usage.total_tokens`` when it is a count, else 0 (never a
-    guess, and never a value that would fail the bookkeeping after a save)."""
-    tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
-    if isinstance(tokens, int) and not isinstance(tokens, bool) and 0 <= tokens < 2**31:
-        return tokens
+def token_usage(usage) -> Tokens:
+    """The provider's ``usage``, each count kept only when it is one (else 0:
+    never a guess, and never a value that would fail the bookkeeping after a
+    save). A total missing beside its parts is their sum."""
+    if not isinstance(usage, dict):
+        return Tokens()
+    prompt, completion, total = (
+        _count(usage.get(name)) for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+    )
+    return Tokens(prompt, completion, total or prompt + completion)
+
+
+def _count(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
     return 0
 
 
@@ -254,7 +276,7 @@ class Upstream:
     """One streamed chat completion, read as text pieces.
 
     ``pieces`` yields the content deltas (one iterator for the whole stream);
-    ``tokens`` holds the usage the provider reported (0 when it sent none:
+    ``tokens`` holds the usage the provider reported (zeros when it sent none:
     never a guess). ``abort()`` may be called from any thread: it shuts the
     connection down, so a read blocked on a silent provider returns at once.
     """
@@ -262,7 +284,7 @@ class Upstream:
     def __init__(self, model: Model, response: httpx2.Response):
         self.model = model
         self._response = response
-        self.tokens = 0
+        self.tokens = Tokens()
         self.aborted = False
         self._lock = threading.Lock()
         self.pieces = self._read(event_stream_lines(response))
@@ -281,7 +303,7 @@ class Upstream:
             if chunk.get("error"):
                 raise Unusable("error event in the stream")
             if chunk.get("usage"):
-                self.tokens = total_tokens(chunk["usage"])
+                self.tokens = token_usage(chunk["usage"])
             for choice in chunk.get("choices") or ():
                 finished = finished or bool(choice.get("finish_reason"))
                 text = (choice.get("delta") or {}).get("content")

@@ -1,0 +1,131 @@
+"""What an answer leaves behind, written at once: the exchange (history and
+context), one row per model call it took (the spend report), and, when the
+request holds an idempotency claim, the key pointed at the exchange.
+
+On PostgreSQL that is one statement (one round trip, one implicit
+transaction); SQLite, without data-modifying CTEs, runs the same inserts in a
+transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from app.sql import Connection, Statement, transaction
+
+_EXCHANGE = (
+    "telegram_id", "user_id", "message", "response", "tokens_used", "request_date",
+    "created_at", "model", "tools", "prompt_tokens", "completion_tokens", "cost",
+)
+_INSERT_EXCHANGE = (
+    f"INSERT INTO ai_chat_requests ({', '.join(_EXCHANGE)}) {{source}} RETURNING id"
+)
+_VALUES = ", ".join(f":{name}" for name in _EXCHANGE)
+# Every model call of the answer (its tool rounds, then the answer itself) as
+# parallel arrays, unnested into rows next to the exchange they belong to.
+_CALLS_PG = """
+    INSERT INTO ai_chat_llm_calls (telegram_id, chat_request_id, purpose, model,
+        prompt_tokens, completion_tokens, cost, usage_date, created_at)
+    SELECT :telegram_id, saved.id, c.purpose, c.model, c.prompt_tokens,
+        c.completion_tokens, c.cost, :request_date, :created_at
+    FROM saved, unnest(CAST(:call_purposes AS text[]), CAST(:call_models AS text[]),
+        CAST(:call_prompt_tokens AS int[]), CAST(:call_completion_tokens AS int[]),
+        CAST(:call_costs AS numeric[])) AS c(purpose, model, prompt_tokens,
+        completion_tokens, cost)
+"""
+SAVE = Statement(
+    f"""
+    WITH saved AS ({_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})")}),
+    calls AS ({_CALLS_PG})
+    SELECT id FROM saved
+    """,
+    sqlite=_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})"),
+)
+# With a claim: only while it is still ours (the row lock keeps a takeover out
+# until we commit; a takeover that came first leaves nothing to insert).
+_SAVE_COMPLETING_PG = Statement(
+    f"""
+    WITH claim AS (
+        SELECT id FROM ai_chat_idempotency_keys
+        WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL
+        FOR UPDATE
+    ), saved AS ({_INSERT_EXCHANGE.format(source=f"SELECT {_VALUES} FROM claim")}),
+    calls AS ({_CALLS_PG})
+    UPDATE ai_chat_idempotency_keys AS k SET chat_request_id = saved.id
+    FROM saved WHERE k.id = :claim_id
+    RETURNING k.id
+    """
+)
+_CALL_SQLITE = Statement(
+    "INSERT INTO ai_chat_llm_calls (telegram_id, chat_request_id, purpose, model, "
+    "prompt_tokens, completion_tokens, cost, usage_date, created_at) VALUES (:telegram_id, "
+    ":chat_request_id, :purpose, :model, :prompt_tokens, :completion_tokens, :cost, "
+    ":usage_date, :created_at)"
+)
+_OWNED = Statement(
+    "SELECT id FROM ai_chat_idempotency_keys "
+    "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
+)
+_COMPLETE = Statement(
+    "UPDATE ai_chat_idempotency_keys SET chat_request_id = :row_id WHERE id = :claim_id"
+)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One model call and what it cost (``cost`` None: the model has no price)."""
+
+    purpose: str  # "tool_round" or "answer" ("summary": app.chat.memory)
+    model: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost: Decimal | None
+
+
+def calls_params(calls: list[Call]) -> dict:
+    """The calls as the parallel arrays the PostgreSQL statements unnest."""
+    return {
+        "call_purposes": [call.purpose for call in calls],
+        "call_models": [call.model for call in calls],
+        "call_prompt_tokens": [call.prompt_tokens for call in calls],
+        "call_completion_tokens": [call.completion_tokens for call in calls],
+        "call_costs": [call.cost for call in calls],
+    }
+
+
+def save_answer(conn: Connection, values: dict, calls: list[Call], claim=None) -> bool:
+    """Store the exchange and its calls (and complete ``claim``); False, with
+    nothing stored, when the claim is no longer ours.
+
+    ``values``: the exchange's columns (``_EXCHANGE``).
+    """
+    if conn.dialect_name == "postgresql":
+        params = {**values, **calls_params(calls)}
+        if claim is None:
+            return bool(conn.run(SAVE, params))
+        params.update(claim_id=claim.id, token=claim.token)
+        return bool(conn.run(_SAVE_COMPLETING_PG, params))
+    with transaction(conn):
+        if claim is not None and not conn.run(
+            _OWNED, {"claim_id": claim.id, "token": claim.token}
+        ):
+            return False
+        row_id = conn.run(SAVE, values)[0][0]
+        for call in calls:
+            record_call(conn, values["telegram_id"], call, values["request_date"],
+                        values["created_at"], row_id)
+        if claim is not None:
+            conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
+    return True
+
+
+def record_call(conn: Connection, telegram_id: int, call: Call, usage_date, created_at,
+                chat_request_id: int | None = None) -> None:
+    """One call's row by itself (a summary's, or SQLite's answer calls)."""
+    conn.run(_CALL_SQLITE, {
+        "telegram_id": telegram_id, "chat_request_id": chat_request_id, "purpose": call.purpose,
+        "model": call.model, "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens, "cost": call.cost,
+        "usage_date": usage_date, "created_at": created_at,
+    })
