@@ -201,16 +201,18 @@ class MainServer:
             self.breaker.record_success()
             self._misconfigured(path, status, detail)
             raise Misconfigured(f"{path}: HTTP {status}")
+        payload = None
         if isinstance(data, dict) and data.get("status") == "success":
-            return {
+            payload = {
                 key: value
                 for key, value in data.items()
                 if key not in ("status", "message", "telegram_text")
             }
-        if isinstance(data, dict) and data.get("success") is True:
+        elif isinstance(data, dict) and data.get("success") is True:
             payload = data.get("data")
-            if isinstance(payload, dict):
-                return payload
+        if isinstance(payload, dict):
+            self.breaker.record_success()
+            return payload
         self._failed(path, "an answer that is not the API's envelope")
         raise MainServerUnavailable(f"{path}: unexpected answer")
 
@@ -219,7 +221,7 @@ class MainServer:
         if self.breaker.record_failure():
             metrics.MAINSERVER_BREAKER_OPENED.inc()
             log.warning(
-                "main server: circuit opened for %.0fs after %d failures",
+                "main server: circuit opened for %gs after %d failures",
                 self.breaker.open_seconds,
                 self.breaker.failures,
             )
