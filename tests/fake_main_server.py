@@ -26,7 +26,8 @@ Typical use::
 Per-seller state: ``connect(tid)`` / ``disconnect(tid)`` (default for unknown
 sellers: ``connected_by_default``, True), ``set_reviews(tid, reviews)`` and
 ``set_body(tid, path, body, status=200)`` (the whole answer to one path, e.g.
-a huge body). Modes, changeable at runtime and restored by ``reset()``:
+a huge body; ``bytes`` are sent as they are, e.g. an HTML error page).
+Modes, changeable at runtime and restored by ``reset()``:
 ``delay`` (seconds before every answer; ``delays[path]`` per path),
 ``drip`` (seconds between the answer's bytes, one byte at a time), ``fail``
 (True, or a set of paths: 500 ``{"detail": "Ошибка сервера"}``), ``down``
@@ -389,10 +390,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.fake._serve(self)
 
     def answer(self, status: int, body: Any, headers: dict | None = None,
-               drip: float | None = None) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
+               drip: float | None = None, wake: threading.Event | None = None) -> None:
+        # Bytes go out as they are (a proxy's HTML page, a broken body).
+        raw_body = isinstance(body, bytes)
+        data = body if raw_body else json.dumps(body, ensure_ascii=False).encode()
+        content_type = "text/html" if raw_body else "application/json"
         reason = self.responses.get(status, ("",))[0]
-        head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json",
+        head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
                 f"Content-Length: {len(data)}", "Connection: close"]
         head.extend(f"{name}: {value}" for name, value in (headers or {}).items())
         raw = ("\r\n".join(head) + "\r\n\r\n").encode() + data
@@ -402,11 +406,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # One byte at a time: every read of the client gets data before any
         # per-read timeout, so only a total deadline ends the wait.
-        stopping = self.server.fake._stopping
         for byte in raw:
             self.wfile.write(bytes([byte]))
             self.wfile.flush()
-            if stopping.wait(drip):
+            if wake is not None and wake.wait(drip):
                 return
 
     def hang_up(self) -> None:
@@ -428,14 +431,19 @@ class FakeMainServer:
         self.record = record
         self._initial = (float(delay), connected_by_default)
         self._lock = threading.Lock()
-        self._stopping = threading.Event()
+        # Set by reset() and stop(): wakes the slow and dripping answers of
+        # the requests before it, which then hang up.
+        self._wake = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget records and per-seller state; modes back to the constructor's."""
+        """Forget records and per-seller state; modes back to the constructor's.
+        Slow and dripping answers still running hang up at once."""
         with self._lock:
+            self._wake.set()
+            self._wake = threading.Event()
             self.delay, self.connected_by_default = self._initial
             self.delays: dict[str, float] = {}
             self.drip: float | None = None
@@ -454,7 +462,8 @@ class FakeMainServer:
     def start(self) -> FakeMainServer:
         if self._server is not None:
             raise RuntimeError("FakeMainServer already started")
-        self._stopping.clear()
+        with self._lock:
+            self._wake = threading.Event()
         server = _Server((self.host, self.port), _Handler)
         server.fake = self
         self.port = server.server_address[1]
@@ -471,7 +480,8 @@ class FakeMainServer:
         if server is None:
             return
         # Wakes every slow or dripping answer, so its thread ends at once.
-        self._stopping.set()
+        with self._lock:
+            self._wake.set()
         server.shutdown()
         server.server_close()
         if self._thread is not None:
@@ -559,6 +569,7 @@ class FakeMainServer:
         entry = {"path": path, "query": query, "headers": headers, "telegram_id": telegram_id,
                  "status": None, "started": time.monotonic(), "ended": None}
         with self._lock:
+            wake = self._wake
             self._calls += 1
             self._in_flight += 1
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
@@ -570,15 +581,17 @@ class FakeMainServer:
             if down:
                 handler.hang_up()
                 return
-            if wait > 0 and self._stopping.wait(wait):
+            if wait > 0 and wake.wait(wait):
                 handler.hang_up()
                 return
             status, body, extra = self._reply(path, query, headers, telegram_id, fail)
             entry["status"] = status
-            handler.answer(status, body, extra, drip)
+            handler.answer(status, body, extra, drip, wake)
         finally:
             with self._lock:
-                self._in_flight -= 1
+                # A request from before a reset() is no longer counted.
+                if wake is self._wake:
+                    self._in_flight -= 1
                 entry["ended"] = time.monotonic()
 
     def _reply(self, path: str, query: dict, headers: dict, telegram_id: int | None,
