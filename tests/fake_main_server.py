@@ -36,10 +36,12 @@ connection is simply a stopped fake (or a free port).
 
 Records (when ``record`` is true): ``requests`` — dicts with ``path`` (no
 query), ``query`` (dict of the last value of each parameter), ``headers``
-(lower-case names), ``telegram_id`` (int or None), ``status``, ``started`` and
-``ended`` (``time.monotonic()``); ``paths``; ``calls`` (also counted without
-records); ``in_flight`` and ``max_in_flight`` (requests being answered at
-once, to prove two calls overlapped).
+(lower-case names), ``telegram_id`` (int or None), ``status``, ``started``
+(request read) and ``ended`` (answer ready to be written, or the connection
+dropped), both ``time.monotonic()``; ``paths``; ``calls`` (also counted
+without records); ``in_flight`` and ``max_in_flight`` (requests being answered
+at once, to prove two calls overlapped; a request leaves ``in_flight`` once
+its answer is written, so poll it with ``wait_for``).
 
 Standalone (for benchmarks; records off so memory stays flat)::
 
@@ -585,14 +587,18 @@ class FakeMainServer:
                 handler.hang_up()
                 return
             status, body, extra = self._reply(path, query, headers, telegram_id, fail)
-            entry["status"] = status
+            # Stamped before the write: a client that has its answer must find
+            # the record complete.
+            with self._lock:
+                entry["status"], entry["ended"] = status, time.monotonic()
             handler.answer(status, body, extra, drip, wake)
         finally:
             with self._lock:
                 # A request from before a reset() is no longer counted.
                 if wake is self._wake:
                     self._in_flight -= 1
-                entry["ended"] = time.monotonic()
+                if entry["ended"] is None:
+                    entry["ended"] = time.monotonic()
 
     def _reply(self, path: str, query: dict, headers: dict, telegram_id: int | None,
                fail) -> tuple[int, Any, dict]:

@@ -435,7 +435,7 @@ def test_fake_counts_requests_in_flight(main):
         thread.join()
 
     assert main.max_in_flight == 3
-    assert main.in_flight == 0
+    assert main.wait_for(lambda: main.in_flight == 0, timeout=2)
     first, *others = main.requests
     assert all(other["started"] < first["ended"] for other in others)
 
