@@ -27,6 +27,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     from app.extensions import api, db, migrate
     from app.health.routes import blp as health_blp
     from app.llm import LLM
+    from app.mainserver import MainServer
 
     app = Flask(__name__)
     # Russian answers as readable UTF-8, not \uXXXX escapes, in the order the
@@ -72,6 +73,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     cli.init_app(app)
     app.extensions["llm"] = LLM(app.config)
     app.extensions["memory"] = Folder(app)
+    app.extensions["mainserver"] = MainServer.from_config(app.config)
     document_models(api.spec, app.extensions["llm"].names)
     app.add_url_rule(
         f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file

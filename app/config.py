@@ -421,6 +421,7 @@ def load_config(env: Mapping) -> dict:
         "USER_CONTEXT_URL": env_text(env, "USER_CONTEXT_URL"),
         "USER_CONTEXT_TIMEOUT": env_number(env, "USER_CONTEXT_TIMEOUT", 2.0, float, 0.05, 30.0),
         "USER_CONTEXT_API_KEY": env_text(env, "USER_CONTEXT_API_KEY", api_keys[0]),
+        **mainserver_settings(env),
         "PROXY_FIX_COUNT": env_number(env, "PROXY_FIX_COUNT", 0, int, 0, 10),
         "RESPONSE_FORMAT": _choice(env, "RESPONSE_FORMAT", "telegram_html", FORMATS),
         "STREAM_SNAPSHOT_INTERVAL": env_number(
@@ -433,6 +434,68 @@ def load_config(env: Mapping) -> dict:
         ),
         "LOG_LEVEL": (env_text(env, "LOG_LEVEL", "INFO") or "INFO").upper(),
         "LOG_FORMAT": env_text(env, "LOG_FORMAT", "json"),
+    }
+
+
+# --- the seller's own data: the main server's bot API and its tools (v1.2) ---------
+
+FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def env_flag(env: Mapping, name: str, default: bool) -> bool:
+    """A yes/no setting: true/false, 1/0, yes/no (any case); unset means ``default``."""
+    raw = env_text(env, name)
+    if raw is None:
+        return default
+    if raw.lower() not in FLAG_VALUES:
+        raise ConfigError(f"{name}={raw!r} must be true or false (or 1/0, yes/no)")
+    return FLAG_VALUES[raw.lower()]
+
+
+def mainserver_settings(env: Mapping) -> dict:
+    """The main server's bot API and the tools over it (contract, "The seller's
+    own data"). Without ``MAIN_SERVER_URL`` nothing is ever called.
+
+    Raises:
+        ConfigError: a URL that is not http(s), a placeholder key, a malformed
+            number or flag, or a model in LLM_MODELS_WITHOUT_TOOLS that is not
+            one of LLM_MODELS.
+    """
+    url = env_text(env, "MAIN_SERVER_URL")
+    if url is not None:
+        url = url.rstrip("/")
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest:
+            raise ConfigError(
+                f"MAIN_SERVER_URL={url!r} must be an http(s) URL, e.g. http://server:8000"
+            )
+    api_key = env_text(env, "MAIN_SERVER_API_KEY")
+    _refuse_placeholder("MAIN_SERVER_API_KEY", _keys(api_key))
+    # Parsed again here (pure, once at start-up) so that this block joins
+    # load_config's dict in one line.
+    models = llm_settings(env)["LLM_MODELS"]
+    without_tools = _names(env, "LLM_MODELS_WITHOUT_TOOLS")
+    for model in without_tools:
+        if model not in models:
+            raise ConfigError(
+                f"LLM_MODELS_WITHOUT_TOOLS: {model!r} is not one of LLM_MODELS "
+                f"({', '.join(models)})"
+            )
+    return {
+        "MAIN_SERVER_URL": url,
+        "MAIN_SERVER_API_KEY": api_key,
+        "TOOLS_ENABLED": env_flag(env, "TOOLS_ENABLED", True),
+        "TOOLS_MAX_ROUNDS": env_number(env, "TOOLS_MAX_ROUNDS", 3, int, 1, 10),
+        "TOOL_TIMEOUT": env_number(env, "TOOL_TIMEOUT", 5.0, float, 0.1, 60.0),
+        "TOOL_RESULT_MAX_CHARS": env_number(env, "TOOL_RESULT_MAX_CHARS", 6000, int, 500),
+        "TOOL_CACHE_SECONDS": env_number(env, "TOOL_CACHE_SECONDS", 60.0, float, 0.0, 86400.0),
+        "MAIN_SERVER_BREAKER_FAILURES": env_number(
+            env, "MAIN_SERVER_BREAKER_FAILURES", 5, int, 1, 1000
+        ),
+        "MAIN_SERVER_BREAKER_OPEN_SECONDS": env_number(
+            env, "MAIN_SERVER_BREAKER_OPEN_SECONDS", 30.0, float, 0.1, 3600.0
+        ),
+        "LLM_MODELS_WITHOUT_TOOLS": without_tools,
     }
 
 

@@ -175,3 +175,23 @@ def init_app(app: Flask) -> None:
             }
         },
     )
+
+
+# --- the seller's own data: tools over the main server (v1.2) -----------------------
+# The tool label comes from the tool registry only (app.mainserver.tools); a
+# name the model made up counts as "unknown".
+TOOL_CALLS = Counter(
+    "ai_chat_tool_calls_total",
+    "Tool calls by outcome (ok, cached, no_cabinet, unavailable, timeout, breaker_open, "
+    "refused, too_large)",
+    ["tool", "outcome"],
+)
+TOOL_DURATION = Histogram(
+    "ai_chat_tool_call_duration_seconds",
+    "Time of one tool call sent to the main server, as its caller waited for it",
+    ["tool"],
+    buckets=BUCKETS,
+)
+MAINSERVER_BREAKER_OPENED = Counter(
+    "ai_chat_mainserver_breaker_opened_total", "Times the main server's circuit opened"
+)

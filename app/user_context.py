@@ -4,11 +4,10 @@ Optional and best effort: when ``USER_CONTEXT_URL`` is unset nothing is
 fetched, and any failure (timeout, HTTP error, bad JSON) only means the answer
 is not personalised. The caller gets text or None, never an exception.
 
-The fetch has a *total* budget, not a per-read timeout: every receive waits
-at most until the fetch's deadline, so a server that drips one byte every
-half second cannot hold the request's thread past it. Redirects are followed
-(a few, e.g. FastAPI's trailing-slash 307), but the ``X-API-KEY`` only ever
-goes to the configured origin.
+The fetch has a *total* budget, not a per-read timeout (app.bounded_get):
+a server that drips one byte every half second cannot hold the request's
+thread past it. Redirects are followed (a few, e.g. FastAPI's trailing-slash
+307), but the ``X-API-KEY`` only ever goes to the configured origin.
 """
 
 from __future__ import annotations
@@ -16,10 +15,9 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
-import ssl
 import time
-from urllib.parse import urljoin, urlsplit
+
+from app.bounded_get import TooManyRedirects, UnsupportedURL, bounded_get
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +29,6 @@ SECTIONS = (
 )
 MAX_SECTION_CHARS = 1500
 MAX_RESPONSE_BYTES = 256 * 1024
-MAX_REDIRECTS = 3
-REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class _FetchFailed(Exception):
@@ -65,7 +61,15 @@ def fetch_user_context(url_template: str, telegram_id: int, api_key: str, budget
     """
     url = url_template.replace("{telegram_id}", str(telegram_id))
     try:
-        body = _get(url, api_key, time.monotonic() + budget)
+        answer = bounded_get(
+            url,
+            time.monotonic() + budget,
+            secret_headers={"X-API-KEY": api_key},
+            max_bytes=MAX_RESPONSE_BYTES,
+        )
+        if answer.status != 200:
+            raise _FetchFailed("http_error", f"HTTP {answer.status}")
+        body = answer.body
         data = json.loads(body)
         if not isinstance(data, dict):
             raise ValueError("user context is not an object")
@@ -75,6 +79,12 @@ def fetch_user_context(url_template: str, telegram_id: int, api_key: str, budget
     except _FetchFailed as failure:
         log.warning("user context: %s", failure)
         return None, failure.outcome
+    except UnsupportedURL as error:
+        log.warning("user context: %s", error)
+        return None, "error"
+    except TooManyRedirects as error:
+        log.warning("user context: %s", error)
+        return None, "http_error"
     except TimeoutError:
         log.warning("user context: no answer within %.1fs", budget)
         return None, "timeout"
@@ -86,82 +96,3 @@ def fetch_user_context(url_template: str, telegram_id: int, api_key: str, budget
         return None, "error"
     text = render_user_context(data)
     return text, "ok" if text else "empty"
-
-
-def _origin(url: str) -> tuple:
-    parts = urlsplit(url)
-    return parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def _get(url: str, api_key: str, deadline: float) -> bytes:
-    """GET ``url`` following redirects; the key goes to the first URL's origin only."""
-    keyed_origin = _origin(url)
-    for _ in range(MAX_REDIRECTS + 1):
-        scheme, host, port = _origin(url)
-        if scheme not in ("http", "https") or not host:
-            raise _FetchFailed("error", f"unsupported URL scheme {scheme!r}")
-        headers = {"Accept": "application/json"}
-        if (scheme, host, port) == keyed_origin:
-            headers["X-API-KEY"] = api_key
-        connection = _connection(scheme, host, port, deadline)
-        try:
-            parts = urlsplit(url)
-            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            connection.request("GET", path, headers=headers)
-            response = connection.getresponse()
-            location = response.getheader("Location")
-            if response.status in REDIRECTS and location:
-                url = urljoin(url, location)
-                continue
-            if response.status != 200:
-                raise _FetchFailed("http_error", f"HTTP {response.status}")
-            body = response.read(MAX_RESPONSE_BYTES + 1)
-            if len(body) > MAX_RESPONSE_BYTES:
-                raise ValueError("user context too large")
-            return body
-        finally:
-            connection.close()
-    raise _FetchFailed("http_error", f"more than {MAX_REDIRECTS} redirects")
-
-
-class _DeadlineSocket(socket.socket):
-    """A socket whose every receive waits only until the fetch's deadline."""
-
-    deadline = 0.0
-
-    def recv_into(self, buffer, nbytes=0, flags=0):
-        self.settimeout(_remaining(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    deadline = 0.0
-
-    def recv_into(self, buffer, nbytes=None, flags=0):
-        self.settimeout(_remaining(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError("user context deadline passed")
-    return remaining
-
-
-def _connection(scheme: str, host: str, port: int, deadline: float):
-    """A connected HTTP(S) connection whose socket honours ``deadline``."""
-    timeout = _remaining(deadline)
-    if scheme == "https":
-        context = ssl.create_default_context()
-        context.sslsocket_class = _DeadlineSSLSocket
-        connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-        connection.connect()
-        connection.sock.deadline = deadline
-        return connection
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    connection.connect()
-    plain = connection.sock
-    connection.sock = _DeadlineSocket(fileno=plain.detach())
-    connection.sock.deadline = deadline
-    return connection

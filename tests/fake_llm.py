@@ -44,6 +44,27 @@ Steps (each returns a plain dict to pass to ``script``/``script_for``):
 - ``stream_error(after=1, text=None, *, message=None, ...)``: ``after`` content
   chunks, then an ``{"error": ...}`` event (the openai SDK raises ``APIError``)
   and a cleanly ended body.
+- ``tool_calls(*calls, delay=0.0, tokens=None)``: the model asks for tools; each
+  call is ``(name, arguments)``, arguments a dict (sent as its JSON text) or a
+  raw string (for malformed-JSON tests).  Answered as
+  ``message: {"role": "assistant", "content": null, "tool_calls": [{"id":
+  "call_…", "type": "function", "function": {"name", "arguments"}}]}`` with
+  ``finish_reason: "tool_calls"`` and usage; streamed (after ``delay``) as the
+  standard deltas: per call, ``delta.tool_calls[0]`` with ``index``, ``id``,
+  ``type`` and ``function.name`` (empty ``arguments``), then its arguments
+  split over up to three deltas; then ``finish_reason: "tool_calls"``, the
+  usage chunk when asked, ``[DONE]``.  Outcome label ``"tool_calls"``.
+
+Tools: ``fake.tools_forever = [("get_dashboard", {})]`` (reset by ``reset()``)
+answers every request that offers ``tools`` (and found no scripted step) with
+those calls, however many rounds the client runs; a request without
+``tools`` gets the default answer.  A request whose messages hold ``tool``
+messages gets, by default, ``"Ответ по данным: "`` + their contents joined by
+``" | "``, cut to 1500 characters (``answer_chars`` when set), so a test can
+find a figure the main server returned in the seller's answer.  Requests are
+recorded as they came (``requests[i]["body"]`` has ``tools`` and every
+message, ``tool`` messages included), and prompt tokens count the
+characters of every message's content, tool results included.
 
 Streaming (request body ``"stream": true``) follows the chat-completions SSE
 protocol: a ``200 text/event-stream`` chunked response whose head and first
@@ -89,8 +110,9 @@ Standalone (for benchmarks), run from the project root::
     python -m tests.fake_llm --port 8089 --latency 0.5 [--failure-rate 0.0]
         [--chunk-delay 0.0225] [--stream-pieces 200] [--answer-chars 800]
 
-Default answer is ``"Ответ: " + <last user message>`` cut to 200 characters
-(with ``answer_chars``: repeated or cut to exactly that many characters);
+Default answer (without tool results) is ``"Ответ: " + <last user message>``
+cut to 200 characters (with ``answer_chars``: repeated or cut to exactly that
+many characters);
 usage is ``prompt_tokens = <chars of all message contents> // 4 + 1`` and
 ``completion_tokens = len(answer) // 4 + 1`` so tests can predict token counts.
 """
@@ -127,6 +149,7 @@ __all__ = [
     "stream_break",
     "stream_hang",
     "stream_error",
+    "tool_calls",
     "CHAT_PATHS",
     "MODELS_PATHS",
 ]
@@ -136,9 +159,15 @@ MODELS_PATHS = frozenset({"/v1/models", "/models"})
 
 ANSWER_PREFIX = "Ответ: "
 MAX_ANSWER_CHARS = 200
+# The default answer to a prompt holding tool results quotes them, long enough
+# for a test to find a figure of the first result in it.
+TOOL_ANSWER_PREFIX = "Ответ по данным: "
+MAX_TOOL_ANSWER_CHARS = 1500
 
 _STREAM_KINDS = frozenset({"stream_ok", "stream_break", "stream_hang", "stream_error"})
-_STEP_KINDS = frozenset({"ok", "status", "delay", "drop", "garbage", "hang"}) | _STREAM_KINDS
+_STEP_KINDS = (
+    frozenset({"ok", "status", "delay", "drop", "garbage", "hang", "tool_calls"}) | _STREAM_KINDS
+)
 
 # Chaos mode picks uniformly from these; ints are HTTP statuses.
 _CHAOS_CHOICES: tuple[Any, ...] = (500, 503, 429, 400, "drop", "delay")
@@ -301,6 +330,24 @@ def stream_error(
     return step
 
 
+def tool_calls(*calls: tuple[str, Any], delay: float = 0.0, tokens: int | None = None) -> dict:
+    """The model asks for tools: each call is ``(name, arguments)``, arguments a
+    dict (sent as its JSON text) or a raw string (e.g. malformed JSON).
+
+    Answered as ``message.tool_calls`` with ``finish_reason: "tool_calls"``, or,
+    to a streaming request, as the standard tool-call deltas.
+    """
+    if not calls:
+        raise ValueError("tool_calls needs at least one (name, arguments) call")
+    checked = []
+    for call in calls:
+        name, arguments = call
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, ensure_ascii=False)
+        checked.append((str(name), arguments))
+    return {"kind": "tool_calls", "calls": checked, "delay": float(delay), "tokens": tokens}
+
+
 def _stream_step(
     kind: str,
     after: int | None,
@@ -344,6 +391,8 @@ def _validate(steps: tuple[dict, ...]) -> list[dict]:
             raise ValueError(f"Status step needs a code: {step!r}")
         if step["kind"] == "delay" and "seconds" not in step:
             raise ValueError(f"Delay step needs seconds: {step!r}")
+        if step["kind"] == "tool_calls" and not step.get("calls"):
+            raise ValueError(f"Tool-calls step needs calls: {step!r}")
     return [dict(step) for step in steps]
 
 
@@ -364,13 +413,15 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def _prompt(body: dict) -> tuple[int, str]:
-    """Characters of all message contents and the last user message."""
+def _prompt(body: dict) -> tuple[int, str, list[str]]:
+    """Characters of all message contents (tool results included), the last
+    user message, and the contents of the ``tool`` messages."""
     messages = body.get("messages")
     if not isinstance(messages, list):
         messages = []
     prompt_chars = 0
     last_user = ""
+    tool_results = []
     for message in messages:
         if not isinstance(message, dict):
             continue
@@ -378,10 +429,17 @@ def _prompt(body: dict) -> tuple[int, str]:
         prompt_chars += len(content)
         if message.get("role") == "user":
             last_user = content
-    return prompt_chars, last_user
+        elif message.get("role") == "tool":
+            tool_results.append(content)
+    return prompt_chars, last_user, tool_results
 
 
-def _default_answer(last_user: str, answer_chars: int | None) -> str:
+def _default_answer(
+    last_user: str, answer_chars: int | None, tool_results: list[str] | None = None
+) -> str:
+    if tool_results:
+        answer = TOOL_ANSWER_PREFIX + " | ".join(tool_results)
+        return answer[: answer_chars or MAX_TOOL_ANSWER_CHARS]
     answer = ANSWER_PREFIX + last_user
     if answer_chars is None:
         return answer[:MAX_ANSWER_CHARS]
@@ -430,6 +488,23 @@ def _content_events(pieces: tuple[str, ...]) -> tuple[bytes, ...]:
     return tuple(
         b'{"index":0,"delta":{"content":' + _dumps(piece) + b"}" + _CHOICE_END for piece in pieces
     )
+
+
+def _chunk_prefix(number: int, body: dict) -> bytes:
+    """The start of every chunk of one stream, up to its ``choices`` list."""
+    return (
+        b'data: {"id":"chatcmpl-fake-%d","object":"chat.completion.chunk","created":%d,'
+        b'"model":%b,"choices":['
+    ) % (number, int(time.time()), _dumps(_model_name(body)))
+
+
+def _call_id(number: int, index: int) -> str:
+    return f"call_fake{number}x{index}"
+
+
+def _calls_text(calls: list[tuple[str, str]]) -> str:
+    """What a tool-call answer "wrote", for its completion tokens."""
+    return "".join(name + arguments for name, arguments in calls)
 
 
 def _model_name(body: dict) -> str:
@@ -798,6 +873,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(step["code"])
         elif kind == "stream_error":
             self._send_error(500, step.get("message"))
+        elif kind == "tool_calls":
+            self._send_tool_calls(number, body, step)
         elif kind == "stream_ok":
             text = step["text"] if step["chunks"] is None else "".join(step["chunks"])
             self._send_completion(number, body, text, step["tokens"])
@@ -825,15 +902,17 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif kind == "delay":
             self._stream(number, generation, body, stream_ok(first_token_delay=step["seconds"]))
+        elif kind == "tool_calls":
+            self._stream_tool_calls(number, generation, body, step)
         else:
             self._stream(number, generation, body, step)
 
     def _send_completion(
         self, number: int, body: dict, text: str | None, tokens: int | None
     ) -> None:
-        prompt_chars, last_user = _prompt(body)
+        prompt_chars, last_user, tool_results = _prompt(body)
         if text is None:
-            text = _default_answer(last_user, self.server.fake.answer_chars)
+            text = _default_answer(last_user, self.server.fake.answer_chars, tool_results)
         payload = {
             "id": f"chatcmpl-fake-{number}",
             "object": "chat.completion",
@@ -847,6 +926,29 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             ],
             "usage": _usage(prompt_chars, text, tokens),
+        }
+        self._send(200, _dumps(payload))
+
+    def _send_tool_calls(self, number: int, body: dict, step: dict) -> None:
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": _call_id(number, index),
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments},
+                }
+                for index, (name, arguments) in enumerate(step["calls"])
+            ],
+        }
+        payload = {
+            "id": f"chatcmpl-fake-{number}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": _model_name(body),
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}],
+            "usage": _usage(_prompt(body)[0], _calls_text(step["calls"]), step["tokens"]),
         }
         self._send(200, _dumps(payload))
 
@@ -874,14 +976,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, number: int, generation: int, body: dict, step: dict) -> None:
         fake = self.server.fake
         kind = step["kind"]
-        prompt_chars, last_user = _prompt(body)
+        prompt_chars, last_user, tool_results = _prompt(body)
         if step["chunks"] is not None:
             pieces = tuple(step["chunks"])
             text = "".join(pieces)
         else:
             text = step["text"]
             if text is None:
-                text = _default_answer(last_user, fake.answer_chars)
+                text = _default_answer(last_user, fake.answer_chars, tool_results)
             count = step["pieces"] if step["pieces"] is not None else fake.stream_pieces
             pieces = _split(text, count)
         chunk_delay = step["chunk_delay"]
@@ -890,10 +992,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         # Everything is encoded before the first write, so that the pacer's
         # work per chunk is one send of ready bytes.
-        prefix = (
-            b'data: {"id":"chatcmpl-fake-%d","object":"chat.completion.chunk","created":%d,'
-            b'"model":%b,"choices":['
-        ) % (number, int(time.time()), _dumps(_model_name(body)))
+        prefix = _chunk_prefix(number, body)
         size = len(prefix)
         events = [
             b"%x\r\n%b%b\r\n" % (size + len(event), prefix, event)
@@ -921,7 +1020,47 @@ class _Handler(BaseHTTPRequestHandler):
                 events[-1] += tail
             else:
                 events.append(tail)
+        self._pace(generation, prefix, events, step["first_token_delay"], chunk_delay, kind)
 
+    def _stream_tool_calls(self, number: int, generation: int, body: dict, step: dict) -> None:
+        """The standard tool-call deltas: per call, one delta with its index, id,
+        type and name (empty arguments), then its arguments in a few pieces;
+        then ``finish_reason: "tool_calls"``, the usage chunk when asked, [DONE]."""
+        prefix = _chunk_prefix(number, body)
+        choices = []
+        for index, (name, arguments) in enumerate(step["calls"]):
+            call_id = _call_id(number, index)
+            choices.append({"tool_calls": [{
+                "index": index, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": ""},
+            }]})
+            for piece in _split(arguments, min(3, len(arguments)) or None):
+                choices.append({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+        events = [
+            _http_chunk(prefix + b'{"index":0,"delta":' + _dumps(delta) + _CHOICE_END)
+            for delta in choices
+        ]
+        final = prefix + b'{"index":0,"delta":{},"finish_reason":"tool_calls"}]}\n\n'
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = _usage(_prompt(body)[0], _calls_text(step["calls"]), step["tokens"])
+            final += prefix + b'],"usage":' + _dumps(usage) + b"}\n\n"
+        events[-1] += _http_chunk(final + _DONE_EVENT) + _LAST_CHUNK
+        self._pace(
+            generation, prefix, events, step["delay"], self.server.fake.chunk_delay, "tool_calls"
+        )
+
+    def _pace(
+        self,
+        generation: int,
+        prefix: bytes,
+        events: list[bytes],
+        first_token_delay: float,
+        chunk_delay: float,
+        kind: str,
+    ) -> None:
+        """Send the head and the role chunk now, then ``events`` through the pacer."""
+        fake = self.server.fake
         head = _STREAM_HEAD
         if self.close_connection:
             head += b"Connection: close\r\n"
@@ -930,7 +1069,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._write(head + b"\r\n" + _http_chunk(role)):
             self._client_gone("streams_abandoned", generation)
             return
-        first_at = time.monotonic() + step["first_token_delay"]
+        first_at = time.monotonic() + first_token_delay
         paced = _Paced(self.connection, events, first_at, chunk_delay, kind == "stream_hang")
         pacer = self.server.pacer
         result = pacer.run(paced) if pacer is not None else "stopped"
@@ -1073,6 +1212,8 @@ class FakeLLM:
         self.chunk_delay = float(chunk_delay)
         self.stream_pieces = stream_pieces
         self.answer_chars = answer_chars
+        # Calls asked of every request that offers tools (see module docs).
+        self.tools_forever: list[tuple[str, Any]] | None = None
         # Long benchmark runs would otherwise keep every request body in memory.
         self.record = record
         self._initial = self._settings()
@@ -1178,6 +1319,7 @@ class FakeLLM:
             self._calls = 0
             self._counters = dict.fromkeys(_COUNTERS, 0)
             self._generation += 1
+            self.tools_forever = None
             (
                 self.latency,
                 self.failure_rate,
@@ -1315,6 +1457,8 @@ class FakeLLM:
                 step = model_steps.popleft()
             elif self._steps:
                 step = self._steps.popleft()
+            elif self.tools_forever and body.get("tools"):
+                step = tool_calls(*self.tools_forever)
             elif self.failure_rate > 0 and self._rng.random() < self.failure_rate:
                 step = self._chaos_step(body.get("stream") is True)
             else:

@@ -305,3 +305,117 @@ def test_error_mapping_does_not_import_the_metrics_module():
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
     )
     assert result.stdout.strip() == "False"
+
+
+# --- v1.2: the main server and its tools ---------------------------------------------
+
+TOOL_SETTINGS = (
+    "MAIN_SERVER_URL", "MAIN_SERVER_API_KEY", "TOOLS_ENABLED", "TOOLS_MAX_ROUNDS",
+    "TOOL_TIMEOUT", "TOOL_RESULT_MAX_CHARS", "TOOL_CACHE_SECONDS",
+    "MAIN_SERVER_BREAKER_FAILURES", "MAIN_SERVER_BREAKER_OPEN_SECONDS",
+    "LLM_MODELS_WITHOUT_TOOLS", "LLM_MODELS", "LLM_PROVIDERS",
+)
+
+
+@pytest.fixture
+def tools_app(bare_environment, sqlite_url, monkeypatch):
+    """Builds an app from the tool settings given, nothing else of them set."""
+    for name in TOOL_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    return lambda **env: create_app({"API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, **env})
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("MAIN_SERVER_URL", None),
+        ("MAIN_SERVER_API_KEY", None),
+        ("TOOLS_ENABLED", True),
+        ("TOOLS_MAX_ROUNDS", 3),
+        ("TOOL_TIMEOUT", 5),
+        ("TOOL_RESULT_MAX_CHARS", 6000),
+        ("TOOL_CACHE_SECONDS", 60),
+        ("MAIN_SERVER_BREAKER_FAILURES", 5),
+        ("MAIN_SERVER_BREAKER_OPEN_SECONDS", 30),
+        ("LLM_MODELS_WITHOUT_TOOLS", ()),
+    ],
+)
+def test_default_tool_setting(tools_app, name, expected):
+    assert tools_app().config[name] == expected
+
+
+def test_without_main_server_url_the_client_calls_nothing(tools_app):
+    client = tools_app().extensions["mainserver"]
+
+    assert client.configured is False
+
+
+def test_main_server_settings_reach_the_client(tools_app):
+    app = tools_app(
+        MAIN_SERVER_URL="http://server:8000/", MAIN_SERVER_API_KEY="s3cret",
+        TOOL_TIMEOUT="2.5", TOOL_RESULT_MAX_CHARS="800", TOOL_CACHE_SECONDS="0",
+        MAIN_SERVER_BREAKER_FAILURES="3", MAIN_SERVER_BREAKER_OPEN_SECONDS="12",
+    )
+    client = app.extensions["mainserver"]
+
+    assert app.config["MAIN_SERVER_URL"] == "http://server:8000"
+    assert client.configured
+    assert client.base_url == "http://server:8000/api/v1/bot"
+    assert client.api_key == "s3cret"
+    assert (client.settings.timeout, client.settings.max_chars) == (2.5, 800)
+    assert client.settings.cache_seconds == 0
+    assert (client.breaker.failures, client.breaker.open_seconds) == (3, 12)
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
+     ("false", False), ("False", False), ("0", False), ("no", False), ("", True)],
+)
+def test_tools_enabled_reads_yes_and_no(tools_app, raw, expected):
+    assert tools_app(TOOLS_ENABLED=raw).config["TOOLS_ENABLED"] is expected
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("TOOLS_ENABLED", "maybe"),
+        ("TOOLS_ENABLED", "on"),
+        ("TOOLS_MAX_ROUNDS", "0"),
+        ("TOOLS_MAX_ROUNDS", "11"),
+        ("TOOLS_MAX_ROUNDS", "2.5"),
+        ("TOOL_TIMEOUT", "0"),
+        ("TOOL_TIMEOUT", "fast"),
+        ("TOOL_RESULT_MAX_CHARS", "499"),
+        ("TOOL_CACHE_SECONDS", "-1"),
+        ("MAIN_SERVER_BREAKER_FAILURES", "0"),
+        ("MAIN_SERVER_BREAKER_OPEN_SECONDS", "0"),
+        ("MAIN_SERVER_URL", "server:8000"),
+        ("MAIN_SERVER_URL", "ftp://server"),
+        ("LLM_MODELS_WITHOUT_TOOLS", "qwen2.5-7b"),
+    ],
+)
+def test_malformed_tool_setting_stops_start_up_naming_the_variable(tools_app, name, value):
+    with pytest.raises(SystemExit) as stopped:
+        tools_app(**{name: value})
+    message = str(stopped.value)
+    assert name in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("placeholder", ["change-me", "CHANGEME", "your-secret-key"])
+def test_a_placeholder_main_server_key_stops_start_up(tools_app, placeholder):
+    with pytest.raises(SystemExit) as stopped:
+        tools_app(MAIN_SERVER_URL="http://server:8000", MAIN_SERVER_API_KEY=placeholder)
+    assert "MAIN_SERVER_API_KEY" in str(stopped.value)
+
+
+def test_models_without_tools_are_configured_models(tools_app):
+    app = tools_app(
+        OPENAI_BASE_URL="http://vllm:8000/v1",
+        LLM_PROVIDERS="local=http://ollama:11434/v1",
+        LLM_MODELS="gpt-4o-mini@openai,qwen2.5-7b@local,llama3@local",
+        LLM_MODELS_WITHOUT_TOOLS=" qwen2.5-7b , llama3 ",
+    )
+
+    assert app.config["LLM_MODELS_WITHOUT_TOOLS"] == ("qwen2.5-7b", "llama3")

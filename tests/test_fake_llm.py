@@ -10,6 +10,7 @@ so a failing service test points at the service, not at its upstream double.
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import pytest
 
 from tests.fake_llm import (
     ANSWER_PREFIX,
+    TOOL_ANSWER_PREFIX,
     FakeLLM,
     delay,
     drop,
@@ -31,6 +33,7 @@ from tests.fake_llm import (
     stream_error,
     stream_hang,
     stream_ok,
+    tool_calls,
 )
 from tests.servers import ROOT, free_port, wait_until_up
 
@@ -472,3 +475,199 @@ def test_command_line_streams_with_the_benchmark_options():
     assert len(pieces) == 20
     assert len("".join(pieces)) == 300
     assert process.returncode == 0
+
+
+# --- tool calls ------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_sales",
+            "description": "Продажи продавца",
+            "parameters": {
+                "type": "object",
+                "properties": {"period": {"type": "string", "enum": ["7d", "30d"]}},
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_dashboard",
+            "description": "Сводка",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    },
+]
+TWO_CALLS = (("get_sales", {"period": "30d"}), ("get_dashboard", {}))
+
+
+def test_tool_calls_answer_a_plain_request_in_the_openai_shape(client, fake):
+    fake.script(tool_calls(*TWO_CALLS))
+
+    completion = client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.role == "assistant" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [(c.type, c.function.name) for c in calls] == [
+        ("function", "get_sales"), ("function", "get_dashboard"),
+    ]
+    assert [json.loads(c.function.arguments) for c in calls] == [{"period": "30d"}, {}]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
+    assert completion.usage.prompt_tokens == PROMPT_TOKENS
+    assert completion.usage.completion_tokens > 0
+    assert fake.outcomes == ["tool_calls"]
+    assert fake.requests[0]["body"]["tools"] == TOOLS
+
+
+def test_tool_calls_stream_as_the_standard_deltas(client, fake):
+    fake.script(tool_calls(*TWO_CALLS))
+
+    chunks = list(stream(client, tools=TOOLS, stream_options={"include_usage": True}))
+
+    role, *deltas, finish, usage = chunks
+    assert role.choices[0].delta.role == "assistant"
+    pieces = [chunk.choices[0].delta.tool_calls for chunk in deltas]
+    assert all(piece is not None and len(piece) == 1 for piece in pieces)
+    heads = [piece[0] for piece in pieces if piece[0].id is not None]
+    assert [(h.index, h.type, h.function.name, h.function.arguments) for h in heads] == [
+        (0, "function", "get_sales", ""), (1, "function", "get_dashboard", ""),
+    ]
+    arguments = {0: "", 1: ""}
+    for piece in pieces:
+        if piece[0].id is None:
+            assert piece[0].function.name is None
+            arguments[piece[0].index] += piece[0].function.arguments
+    assert [json.loads(text) for text in arguments.values()] == [{"period": "30d"}, {}]
+    assert sum(1 for piece in pieces if piece[0].index == 0 and piece[0].id is None) > 1
+    assert finish.choices[0].finish_reason == "tool_calls"
+    assert usage.choices == [] and usage.usage.prompt_tokens == PROMPT_TOKENS
+    assert fake.wait_for(lambda: fake.streams_completed == 1)
+
+
+def test_the_sdks_stream_helper_assembles_the_streamed_calls(client, fake):
+    fake.script(tool_calls(*TWO_CALLS))
+
+    with client.chat.completions.stream(model="m", messages=MESSAGES, tools=TOOLS) as events:
+        completion = events.get_final_completion()
+
+    calls = completion.choices[0].message.tool_calls
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        ("get_sales", '{"period": "30d"}'), ("get_dashboard", "{}"),
+    ]
+
+
+def test_tool_call_stream_ends_in_done_on_the_wire(fake):
+    fake.script(tool_calls(("get_dashboard", {})))
+    body = {"model": "m", "messages": MESSAGES, "stream": True, "tools": TOOLS}
+    with httpx2.Client() as http:
+        with http.stream("POST", f"{fake.url}/chat/completions", json=body) as response:
+            raw = response.read().decode()
+
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert '"finish_reason":"tool_calls"' in events[-3]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_malformed_arguments_are_sent_as_they_are(client, fake, streamed):
+    fake.script(tool_calls(("get_sales", '{"period": "30d"')))
+
+    if streamed:
+        with client.chat.completions.stream(model="m", messages=MESSAGES, tools=TOOLS) as s:
+            [call] = s.get_final_completion().choices[0].message.tool_calls
+    else:
+        completion = client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+        [call] = completion.choices[0].message.tool_calls
+    assert call.function.arguments == '{"period": "30d"'
+
+
+def test_tools_forever_answers_every_request_that_offers_tools(client, fake):
+    fake.tools_forever = [("get_dashboard", {})]
+
+    asked = [
+        client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+        for _ in range(3)
+    ]
+    plain = client.chat.completions.create(model="m", messages=MESSAGES)
+    streamed = list(stream(client, tools=TOOLS))
+
+    assert {a.choices[0].finish_reason for a in asked} == {"tool_calls"}
+    assert {a.choices[0].message.tool_calls[0].function.name for a in asked} == {"get_dashboard"}
+    assert plain.choices[0].message.content == DEFAULT_ANSWER
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    fake.reset()
+    assert fake.tools_forever is None
+
+
+def test_a_scripted_step_comes_before_tools_forever(client, fake):
+    fake.tools_forever = [("get_dashboard", {})]
+    fake.script(ok("Готово"))
+
+    first = client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+    second = client.chat.completions.create(model="m", messages=MESSAGES, tools=TOOLS)
+
+    assert first.choices[0].message.content == "Готово"
+    assert second.choices[0].finish_reason == "tool_calls"
+
+
+def tool_round(result: str) -> list[dict]:
+    return [
+        *MESSAGES,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function",
+                            "function": {"name": "get_dashboard", "arguments": "{}"}}],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": result},
+    ]
+
+
+RESULT = '{"tool":"get_dashboard","data":{"orders_today":{"amount":18450}}}'
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_the_default_answer_quotes_the_tool_results(client, fake, streamed):
+    messages = tool_round(RESULT)
+
+    if streamed:
+        text = "".join(content_of(list(
+            client.chat.completions.create(model="m", messages=messages, stream=True)
+        )))
+    else:
+        text = client.chat.completions.create(model="m", messages=messages).choices[0]
+        text = text.message.content
+
+    assert text == TOOL_ANSWER_PREFIX + RESULT
+    assert fake.requests[0]["body"]["messages"][-1] == messages[-1]
+
+
+def test_prompt_tokens_count_the_tool_results(client):
+    messages = tool_round(RESULT)
+
+    usage = client.chat.completions.create(model="m", messages=messages).usage
+
+    assert usage.prompt_tokens == (len("Ты помощник продавца.Как поднять продажи зимой?")
+                                   + len(RESULT)) // 4 + 1
+
+
+def test_a_long_tool_result_is_quoted_within_a_sane_length(client):
+    messages = tool_round("7" * 5000)
+
+    text = client.chat.completions.create(model="m", messages=messages).choices[0].message.content
+
+    assert text.startswith(TOOL_ANSWER_PREFIX + "777")
+    assert len(text) == 1500
+
+
+def test_a_tool_calls_step_needs_a_call(fake):
+    with pytest.raises(ValueError):
+        tool_calls()
+    with pytest.raises(ValueError):
+        fake.script({"kind": "tool_calls", "calls": []})
