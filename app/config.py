@@ -261,6 +261,47 @@ def server_settings(env: Mapping) -> dict:
     }
 
 
+# --- Redis (v1.2; app/cache.py) -------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+
+
+def env_bool(env: Mapping, name: str, default: bool) -> bool:
+    """A yes/no setting: true/false, 1/0, yes/no, on/off (any case), else ConfigError."""
+    raw = env_text(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in TRUE_WORDS:
+        return True
+    if raw.lower() in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={raw!r} must be true or false")
+
+
+def redis_settings(env: Mapping) -> dict:
+    """Redis in front of PostgreSQL (contract, "Redis"); ``REDIS_URL`` unset = no Redis.
+
+    Raises:
+        ConfigError: a URL that is not redis://, rediss:// or unix://, a timeout
+            outside 1 ms … 5 s, a malformed flag or TTL.
+    """
+    url = env_text(env, "REDIS_URL")
+    if url is not None and url.partition("://")[0].lower() not in REDIS_SCHEMES:
+        # The URL may hold a password: never repeat it in the message.
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    return {
+        "REDIS_URL": url,
+        # Redis answers in well under a millisecond on a LAN; a Redis slower
+        # than this is treated as down and PostgreSQL answers instead.
+        "REDIS_TIMEOUT": env_number(env, "REDIS_TIMEOUT", 0.05, float, 0.001, 5.0),
+        "REDIS_PREFIX": env_text(env, "REDIS_PREFIX", "ai_chat:"),
+        "ANSWER_CACHE": env_bool(env, "ANSWER_CACHE", True),
+        "ANSWER_CACHE_TTL": env_number(env, "ANSWER_CACHE_TTL", 86400, int, 1, 30 * 86400),
+    }
+
+
 def load_config(env: Mapping) -> dict:
     """Parse the environment mapping into Flask config values.
 
@@ -309,6 +350,7 @@ def load_config(env: Mapping) -> dict:
         "SQL_TIMEOUTS": sql_timeouts(url, env),
         "MAX_CONTENT_LENGTH": env_number(env, "MAX_CONTENT_LENGTH", 64 * 1024, int, 1024),
         **llm_settings(env),
+        **redis_settings(env),
         "OPENAI_TEMPERATURE": env_number(env, "OPENAI_TEMPERATURE", 0.7, float, 0.0, 2.0),
         "OPENAI_MAX_TOKENS": env_number(env, "OPENAI_MAX_TOKENS", 1000, int, 1),
         "OPENAI_TIMEOUT": env_number(env, "OPENAI_TIMEOUT", min(20.0, deadline), float, 0.1),
