@@ -21,6 +21,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     them the process environment and ``.env`` are read.
     """
     from app import cli, config, errors, logs, metrics, sql
+    from app.cache import Cache
     from app.chat.routes import blp as chat_blp
     from app.extensions import api, db, migrate
     from app.health.routes import blp as health_blp
@@ -67,6 +68,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     logs.init_app(app)
     metrics.init_app(app)
     cli.init_app(app)
+    app.extensions["cache"] = Cache.from_config(app.config)
     app.extensions["llm"] = LLM(app.config)
     app.add_url_rule(
         f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file
