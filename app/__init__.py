@@ -69,7 +69,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     metrics.init_app(app)
     cli.init_app(app)
     app.extensions["cache"] = Cache.from_config(app.config)
-    app.extensions["llm"] = LLM(app.config)
+    app.extensions["llm"] = LLM(app.config, app.extensions["cache"])
     app.add_url_rule(
         f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file
     )
