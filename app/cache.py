@@ -51,6 +51,9 @@ PostgreSQL and cleared Redis. The late write would bring the old state back
   overwrites an existing entry, and an append that cannot be applied (entry
   missing, or token changed) replaces the token too, so every populate in
   flight is dropped and the next read goes to PostgreSQL.
+- Limits have a third: two sends of one user finishing out of order. Under
+  one token the count only grows (whatever lowers it invalidates), so an
+  entry with an earlier day or a lower count never replaces a stored one.
 - ``written_at`` is Redis's own ``TIME``, and ``read_user`` returns the age
   on the same clock, so the instances' clocks never matter.
 
@@ -166,17 +169,29 @@ if ARGV[4] == '1' then context = redis.call('ZRANGE', KEYS[3], 0, -1) end
 return {now[1], now[2], gen, limits, context}
 """)
 
-# KEYS: gen, limits. ARGV: token, entry JSON, TTL (ms), gen TTL (ms).
-# Stores the entry stamped with Redis TIME only while the token matches;
-# otherwise deletes it. Returns 1 when stored.
+# KEYS: gen, limits. ARGV: token, entry JSON, TTL (ms), gen TTL (ms), the
+# entry's day and used count ('' when it has none). Stores the entry stamped
+# with Redis TIME only while the token matches; otherwise deletes it. Under
+# one token the count only grows (a refund, reset or limit change replaces
+# the token; a new day has a later day), so a reading older than the stored
+# one (two sends of one user finishing out of order) is not stored over it.
+# Returns 1 when stored.
 _WRITE_LIMITS = _script("""
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   redis.call('DEL', KEYS[2])
   return 0
 end
+if ARGV[5] ~= '' then
+  local stored = redis.call('HMGET', KEYS[2], 'day', 'used')
+  if stored[1] and (stored[1] > ARGV[5]
+      or (stored[1] == ARGV[5] and tonumber(stored[2]) > tonumber(ARGV[6]))) then
+    return 0
+  end
+end
 local now = redis.call('TIME')
 redis.call('HSET', KEYS[2], 'entry', ARGV[2],
-           'written_at', now[1] .. '.' .. string.format('%06d', now[2]))
+           'written_at', now[1] .. '.' .. string.format('%06d', now[2]),
+           'day', ARGV[5], 'used', ARGV[6])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
@@ -424,12 +439,17 @@ class Cache:
     def write_limits(self, telegram_id: int, gen: int | None, entry: dict) -> bool:
         """Store the limits ``entry`` (JSON-able; dates become ISO text) for
         ``LIMITS_TTL`` when the user's token is still ``gen``, else delete it.
-        True when stored."""
+        With ``day`` (a date or ISO text) and ``used`` in it, an entry already
+        stored for a later day or a higher count is kept instead. True when
+        stored."""
         if not self.configured or gen is None:
             return False
         gen_key, limits_key, _ = self._user_keys(telegram_id)
         payload = _dumps({k: v for k, v in entry.items() if k != "written_at"})
-        args = [gen, payload, LIMITS_TTL * 1000, GEN_TTL * 1000]
+        ordered = "day" in entry and "used" in entry
+        day = str(entry["day"]) if ordered else ""
+        used = int(entry["used"]) if ordered else 0
+        args = [gen, payload, LIMITS_TTL * 1000, GEN_TTL * 1000, day, used]
         return self._write("limits", lambda client: _eval(
             client, _WRITE_LIMITS, [gen_key, limits_key], args
         ) == 1)

@@ -281,6 +281,36 @@ def test_a_late_write_deletes_a_newer_entry_instead_of_keeping_it(cache):
     assert cache.read_user(1).limits is None
 
 
+def test_an_older_reading_does_not_replace_a_newer_one(cache):
+    """Two sends of one user finishing out of order: 6 used stays 6."""
+    view = cache.read_user(1)
+    cache.write_limits(1, view.gen, {**LIMITS, "used": 6})
+
+    assert cache.write_limits(1, view.gen, {**LIMITS, "used": 5}) is False
+    assert cache.read_user(1).limits["used"] == 6
+
+
+def test_a_new_day_replaces_a_higher_count_of_the_day_before(cache):
+    view = cache.read_user(1)
+    cache.write_limits(1, view.gen, {"day": date(2026, 12, 1), "used": 30, "limit": 30})
+
+    assert cache.write_limits(1, view.gen, {"day": date(2026, 12, 2), "used": 1, "limit": 30})
+    assert cache.read_user(1).limits == {
+        "day": "2026-12-02", "used": 1, "limit": 30,
+        "written_at": cache.read_user(1).limits["written_at"],
+    }
+
+
+def test_a_lower_count_after_a_refund_is_stored_under_the_new_token(cache):
+    view = cache.read_user(1)
+    cache.write_limits(1, view.gen, LIMITS)
+    cache.invalidate_user(1)  # the refund
+    fresh = cache.read_user(1)
+
+    assert cache.write_limits(1, fresh.gen, {**LIMITS, "used": 29}) is True
+    assert cache.read_user(1).limits["used"] == 29
+
+
 def test_without_a_token_nothing_is_written(cache):
     assert cache.write_limits(1, None, LIMITS) is False
     assert cache.write_context(1, None, []) is False
