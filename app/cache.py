@@ -77,7 +77,9 @@ lazily, on the first call in each process (``os.getpid()``), so no socket,
 lock or pool is ever shared across a fork. One ``BlockingConnectionPool``
 per process of ``POOL_SIZE`` connections: a command holds a connection for
 tens of microseconds (plus a GIL hand-off), so 50 serve 600 threads; a
-thread that finds none free waits at most ``REDIS_TIMEOUT``. No client-side
+thread that finds none free waits at most ``REDIS_TIMEOUT`` and then falls
+back for that call only (a busy process is not a Redis outage: logged once,
+counted as a fallback, Redis stays up for the other calls). No client-side
 retries (the fallback to PostgreSQL is the retry), no health-check PINGs
 (a dead pooled connection is detected when it is taken from the pool), no
 CLIENT SETINFO handshake (two round trips per connect).
@@ -350,6 +352,7 @@ class Cache:
         self._retry_at = 0.0
         self._pending: dict[int, float] = {}
         self._pending_overflowed = False
+        self._pool_exhaustion_logged = False
 
     @classmethod
     def from_config(cls, config) -> Cache:
@@ -581,6 +584,17 @@ class Cache:
             if self._pending:
                 self._replay_invalidations(client)
             result = operation(client)
+        except redis.ConnectionError as error:
+            if not _pool_exhausted(error):
+                self._went_down(error)
+            elif not self._pool_exhaustion_logged:
+                # This process is busier than its pool, Redis is not down:
+                # this call falls back, the others keep using Redis.
+                self._pool_exhaustion_logged = True
+                log.warning("redis: all %d pooled connections stayed busy for %s s; such "
+                            "calls fall back to PostgreSQL (logged once)",
+                            self.pool_size, self.timeout)
+            raise _Fallback() from None
         # Redis errors and socket errors, and a reply of a shape the parsing
         # below does not expect: all mean "do not trust Redis now".
         except (RedisError, OSError, ChildDeadlockedError, ValueError, TypeError,
@@ -737,6 +751,12 @@ def _eval(client: redis.Redis, script: _Script, keys: list, args: list):
         return client.evalsha(script.sha, len(keys), *keys, *args)
     except NoScriptError:
         return client.eval(script.source, len(keys), *keys, *args)
+
+
+def _pool_exhausted(error: redis.ConnectionError) -> bool:
+    """BlockingConnectionPool's "no connection free within the timeout" (it
+    has no class of its own; tests/test_cache.py pins the wording)."""
+    return str(error) == "No connection available."
 
 
 def _redis_time(seconds: str, micros: str) -> float:

@@ -728,5 +728,27 @@ def test_many_threads_share_a_bounded_pool(make_cache, throwaway_redis):
     assert len(results) == 64 * 20
 
 
+def test_a_pool_with_no_free_connection_is_a_fallback_not_an_outage(
+    make_cache, throwaway_redis, caplog
+):
+    caplog.set_level(logging.INFO, logger="app.cache")
+    cache = make_cache(throwaway_redis.url, pool_size=1)
+    assert cache.ping() == "ok"
+    pool = cache._client.connection_pool
+    taken = pool.get_connection()  # another thread's call, in the middle of it
+    try:
+        fallbacks = counted("answer", "fallback")
+        assert cache.get("answer", "q") is None
+        assert cache.get("answer", "q") is None
+        assert counted("answer", "fallback") - fallbacks == 2
+    finally:
+        pool.release(taken)
+
+    assert cache.get("answer", "q") is None and cache.ping() == "ok"
+    warnings, _ = warnings_and_infos(caplog)
+    assert len(warnings) == 1 and "pooled connections" in warnings[0]
+    assert redis_up(cache) == 1
+
+
 def test_user_view_defaults_mean_redis_was_not_asked():
     assert MISS == UserView(None, None, None, None)
