@@ -23,6 +23,9 @@ from tests.fake_llm import status
 
 # Short enough that the tests need not wait a second for a view to age.
 REFRESH = 0.05
+# An open period the tests wait out; long enough that a busy machine does not
+# end it before the test has looked at the open circuit.
+OPEN = 0.5
 
 
 @pytest.fixture
@@ -97,10 +100,10 @@ def open_shared_circuit(breakers, failures: int = 3) -> None:
 
 
 def test_after_open_seconds_one_probe_goes_through_across_instances(instances):
-    first, second = shared(instances[0], open_seconds=0.3), shared(instances[1], open_seconds=0.3)
+    first, second = shared(instances[0], open_seconds=OPEN), shared(instances[1], open_seconds=OPEN)
     open_shared_circuit([first, second])
     assert second.allow() is False
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
 
     assert second.state == "half_open"
     assert second.allow() is True  # the probe
@@ -109,9 +112,9 @@ def test_after_open_seconds_one_probe_goes_through_across_instances(instances):
 
 
 def test_a_successful_probe_closes_the_circuit_for_every_instance(instances):
-    first, second = shared(instances[0], open_seconds=0.3), shared(instances[1], open_seconds=0.3)
+    first, second = shared(instances[0], open_seconds=OPEN), shared(instances[1], open_seconds=OPEN)
     open_shared_circuit([first, second])
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
     assert first.allow() is True
 
     first.record_success()
@@ -121,9 +124,9 @@ def test_a_successful_probe_closes_the_circuit_for_every_instance(instances):
 
 
 def test_a_failed_probe_opens_the_circuit_again_for_every_instance(instances):
-    first, second = shared(instances[0], open_seconds=0.3), shared(instances[1], open_seconds=0.3)
+    first, second = shared(instances[0], open_seconds=OPEN), shared(instances[1], open_seconds=OPEN)
     open_shared_circuit([first, second])
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
     assert first.allow() is True
 
     assert first.record_failure() is True
@@ -147,11 +150,11 @@ def test_a_success_elsewhere_restarts_the_count_of_consecutive_failures(instance
 
 
 def test_a_probe_whose_outcome_never_comes_is_replaced_after_open_seconds(instances):
-    first, second = shared(instances[0], open_seconds=0.3), shared(instances[1], open_seconds=0.3)
+    first, second = shared(instances[0], open_seconds=OPEN), shared(instances[1], open_seconds=OPEN)
     open_shared_circuit([first, second])
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
     assert first.allow() is True  # ... and this request vanishes
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
 
     assert second.allow() is True
 
@@ -205,10 +208,10 @@ def test_with_redis_down_each_process_counts_for_itself(make_cache, throwaway_re
 def test_with_redis_down_the_open_period_and_the_probe_work_per_process(
     make_cache, throwaway_redis
 ):
-    breaker = shared(make_cache(throwaway_redis.url), failures=1, open_seconds=0.3)
+    breaker = shared(make_cache(throwaway_redis.url), failures=1, open_seconds=OPEN)
     throwaway_redis.kill()
     breaker.record_failure()
-    time.sleep(0.35)
+    time.sleep(OPEN + 0.1)
 
     assert breaker.state == "half_open"
     assert breaker.allow() is True

@@ -553,9 +553,10 @@ def test_a_paused_redis_is_probed_once_per_retry_interval(down_cache, throwaway_
     finally:
         throwaway_redis.resume()
 
-    # The first call after the interval is the probe (one timeout); the rest skip.
+    # The first call after the interval is the probe (one timeout); the rest
+    # skip (a call that reached the paused Redis would take a whole timeout).
     assert timings[0] >= TIMEOUT * 0.8
-    assert all(t < TIMEOUT * 0.5 for t in timings[1:])
+    assert all(t < TIMEOUT * 0.8 for t in timings[1:])
 
 
 def test_redis_coming_back_is_logged_once_and_sets_the_gauge(
