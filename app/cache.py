@@ -64,7 +64,8 @@ and re-sent with EVAL on NOSCRIPT (a restart or SCRIPT FLUSH forgets them).
 
 An invalidation that fails (Redis unreachable from this process) is kept in
 memory and replayed before anything else this process asks Redis once it is
-reachable again, so this process never reads the stale entry. Another
+reachable again, so this process never reads the stale entry; so is a
+failed ``write_limits`` or ``append_context``, whose entry would be stale. Another
 process that reaches Redis while this one cannot could still read it, for
 at most the entry's TTL: ``LIMITS_TTL`` (60 s) for limits, ``CONTEXT_TTL``
 for contexts, which is kept to an hour for that reason (a seller's
@@ -453,9 +454,11 @@ class Cache:
         day = str(entry["day"]) if ordered else ""
         used = int(entry["used"]) if ordered else 0
         args = [gen, payload, LIMITS_TTL * 1000, GEN_TTL * 1000, day, used]
+        # A lost write leaves a lower count behind: harmless for a refusal,
+        # but not what PostgreSQL says, so the entry goes (user=).
         return self._write("limits", lambda client: _eval(
             client, _WRITE_LIMITS, [gen_key, limits_key], args
-        ) == 1)
+        ) == 1, user=telegram_id)
 
     def write_context(
         self, telegram_id: int, gen: int | None, exchanges: Iterable[Sequence]
@@ -489,9 +492,10 @@ class Cache:
             "" if gen is None else gen, exchange[0], _member(exchange), max(0, keep),
             CONTEXT_TTL * 1000, GEN_TTL * 1000, _new_gen(),
         ]
+        # A lost append leaves a context without this exchange (user=).
         return self._write("context", lambda client: _eval(
             client, _APPEND_CONTEXT, [gen_key, context_key], args
-        ) == 1)
+        ) == 1, user=telegram_id)
 
     def invalidate_user(self, telegram_id: int) -> bool:
         """After a refund, reset, limit change or history deletion is committed
@@ -605,11 +609,18 @@ class Cache:
             self._came_back()
         return result
 
-    def _write(self, use: str, operation: Callable[[redis.Redis], bool]) -> bool:
+    def _write(
+        self, use: str, operation: Callable[[redis.Redis], bool], user: int | None = None
+    ) -> bool:
+        """Run a write; False when Redis could not take it. For a ``user``
+        whose entry the write would have brought up to date, the entry left
+        behind is stale: it is invalidated (now or, missed, on replay)."""
         try:
             return bool(self._run(operation))
         except _Fallback:
             self._count(use, "fallback")
+            if user is not None:
+                self._remember_invalidation(user)
             return False
 
     def _client_for_call(self) -> tuple[redis.Redis, bool]:

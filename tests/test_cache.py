@@ -656,6 +656,23 @@ def test_an_invalidation_missed_while_down_is_replayed_before_the_next_read(
     assert after.limits is None
 
 
+def test_an_append_lost_while_down_drops_the_context_once_redis_answers(
+    down_cache, throwaway_redis
+):
+    """The saved exchange never reached the cached context: the context must
+    not be served without it."""
+    view = down_cache.read_user(1)
+    down_cache.write_context(1, view.gen, EXCHANGES)
+    throwaway_redis.pause()
+    try:
+        assert down_cache.append_context(1, view.gen, (13, "m", "r"), keep=5) is False
+    finally:
+        throwaway_redis.resume()
+    time.sleep(RETRY + 0.05)
+
+    assert down_cache.read_user(1).context is None
+
+
 def test_a_reply_of_an_unexpected_shape_is_a_miss(down_cache, throwaway_redis):
     with throwaway_redis.client() as client:
         client.set(down_cache.key("limits", 1), "not a hash")
