@@ -445,8 +445,12 @@ class Cache:
         ``LIMITS_TTL`` when the user's token is still ``gen``, else delete it.
         With ``day`` (a date or ISO text) and ``used`` in it, an entry already
         stored for a later day or a higher count is kept instead. True when
-        stored."""
-        if not self.configured or gen is None:
+        stored. Without a token (``read_user`` failed) the stored entry may
+        be behind this one and cannot be replaced safely: it is invalidated."""
+        if not self.configured:
+            return False
+        if gen is None:
+            self.invalidate_user(telegram_id)
             return False
         gen_key, limits_key, _ = self._user_keys(telegram_id)
         payload = _dumps({k: v for k, v in entry.items() if k != "written_at"})

@@ -311,10 +311,14 @@ def test_a_lower_count_after_a_refund_is_stored_under_the_new_token(cache):
     assert cache.read_user(1).limits["used"] == 29
 
 
-def test_without_a_token_nothing_is_written(cache):
+def test_without_a_token_nothing_is_written_and_stored_limits_are_dropped(cache):
+    view = cache.read_user(1)
+    cache.write_limits(1, view.gen, {**LIMITS, "used": 3})
+
     assert cache.write_limits(1, None, LIMITS) is False
     assert cache.write_context(1, None, []) is False
-    assert cache.read_user(1).limits is None
+    after = cache.read_user(1)
+    assert (after.limits, after.context) == (None, None)
 
 
 # --- contexts -------------------------------------------------------------------------------
