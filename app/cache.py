@@ -65,11 +65,12 @@ and re-sent with EVAL on NOSCRIPT (a restart or SCRIPT FLUSH forgets them).
 An invalidation that fails (Redis unreachable from this process) is kept in
 memory and replayed before anything else this process asks Redis once it is
 reachable again, so this process never reads the stale entry; so is a
-failed ``write_limits`` or ``append_context``, whose entry would be stale. Another
-process that reaches Redis while this one cannot could still read it, for
-at most the entry's TTL: ``LIMITS_TTL`` (60 s) for limits, ``CONTEXT_TTL``
-for contexts, which is kept to an hour for that reason (a seller's
-conversation is minutes long; a colder context costs one PostgreSQL read).
+failed ``write_limits`` or ``append_context``, which leaves a stale entry
+behind. Another process that reaches Redis while this one cannot could
+still read it, for at most the entry's TTL: ``LIMITS_TTL`` (60 s) for
+limits, ``CONTEXT_TTL`` for contexts, which is kept to an hour for that
+reason (a seller's conversation is minutes long; a colder context costs one
+PostgreSQL read).
 
 Processes
 ---------
@@ -298,7 +299,8 @@ class UserView:
     """What Redis holds for one user, read in one round trip.
 
     ``gen`` is the token to hand back to the writes (None: Redis was not
-    asked or failed; writes with it are skipped). ``limits`` is the entry
+    asked or failed; writes given None store nothing, and drop the entry
+    they would have brought up to date). ``limits`` is the entry
     given to ``write_limits`` plus ``written_at`` (Redis time, seconds), and
     ``limits_age`` its age in seconds on Redis's clock; None when absent.
     ``context`` is ``[[row_id, message, response], ...]`` oldest first,
