@@ -22,6 +22,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     """
     from app import cli, config, errors, logs, metrics, sql
     from app.api import document_models
+    from app.cache import Cache
     from app.chat.memory import Folder
     from app.chat.routes import blp as chat_blp
     from app.extensions import api, db, migrate
@@ -71,7 +72,8 @@ def create_app(overrides: dict | None = None) -> Flask:
     logs.init_app(app)
     metrics.init_app(app)
     cli.init_app(app)
-    app.extensions["llm"] = LLM(app.config)
+    app.extensions["cache"] = Cache.from_config(app.config)
+    app.extensions["llm"] = LLM(app.config, app.extensions["cache"])
     app.extensions["memory"] = Folder(app)
     app.extensions["mainserver"] = MainServer.from_config(app.config)
     document_models(api.spec, app.extensions["llm"].names)

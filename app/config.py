@@ -59,6 +59,21 @@ def env_number(env: Mapping, name: str, default, kind, minimum=None, maximum=Non
     return value
 
 
+FLAGS = {"true": True, "1": True, "yes": True, "on": True,
+         "false": False, "0": False, "no": False, "off": False}
+
+
+def env_flag(env: Mapping, name: str, default: bool) -> bool:
+    """A yes/no setting: true/false, 1/0, yes/no, on/off (any case); unset or
+    blank means ``default``."""
+    raw = env_text(env, name)
+    if raw is None:
+        return default
+    if raw.lower() not in FLAGS:
+        raise ConfigError(f"{name}={raw!r} must be true or false (or 1/0, yes/no, on/off)")
+    return FLAGS[raw.lower()]
+
+
 def _choice(env: Mapping, name: str, default: str, choices) -> str:
     value = env_text(env, name, default)
     if value not in choices:
@@ -325,19 +340,6 @@ def spend_settings(env: Mapping, models: Mapping[str, str]) -> dict:
     }
 
 
-def env_flag(env: Mapping, name: str, default: bool) -> bool:
-    """A yes/no setting: true/false, 1/0, yes/no, on/off."""
-    raw = env_text(env, name)
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} must be true or false")
-
-
 def memory_settings(env: Mapping, models: Mapping[str, str], default_model: str) -> dict:
     """The summary of long conversations (contract, "Memory of long conversations")."""
     model = env_text(env, "SUMMARY_MODEL", default_model)
@@ -348,6 +350,33 @@ def memory_settings(env: Mapping, models: Mapping[str, str], default_model: str)
         "SUMMARY_MODEL": model,
         "SUMMARY_MAX_CHARS": env_number(env, "SUMMARY_MAX_CHARS", 1500, int, 200, 20000),
         "SUMMARY_EVERY": env_number(env, "SUMMARY_EVERY", 5, int, 1, 1000),
+    }
+
+
+# --- Redis (v1.2; app/cache.py) -------------------------------------------------------
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def redis_settings(env: Mapping) -> dict:
+    """Redis in front of PostgreSQL (contract, "Redis"); ``REDIS_URL`` unset = no Redis.
+
+    Raises:
+        ConfigError: a URL that is not redis://, rediss:// or unix://, a timeout
+            outside 1 ms … 5 s, a malformed flag or TTL.
+    """
+    url = env_text(env, "REDIS_URL")
+    if url is not None and url.partition("://")[0].lower() not in REDIS_SCHEMES:
+        # The URL may hold a password: never repeat it in the message.
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    return {
+        "REDIS_URL": url,
+        # Redis answers in well under a millisecond on a LAN; a Redis slower
+        # than this is treated as down and PostgreSQL answers instead.
+        "REDIS_TIMEOUT": env_number(env, "REDIS_TIMEOUT", 0.05, float, 0.001, 5.0),
+        "REDIS_PREFIX": env_text(env, "REDIS_PREFIX", "ai_chat:"),
+        "ANSWER_CACHE": env_flag(env, "ANSWER_CACHE", True),
+        "ANSWER_CACHE_TTL": env_number(env, "ANSWER_CACHE_TTL", 86400, int, 1, 30 * 86400),
     }
 
 
@@ -402,6 +431,7 @@ def load_config(env: Mapping) -> dict:
         **llm,
         **spend_settings(env, llm["LLM_MODELS"]),
         **memory_settings(env, llm["LLM_MODELS"], llm["LLM_DEFAULT_MODEL"]),
+        **redis_settings(env),
         "OPENAI_TEMPERATURE": env_number(env, "OPENAI_TEMPERATURE", 0.7, float, 0.0, 2.0),
         "OPENAI_MAX_TOKENS": env_number(env, "OPENAI_MAX_TOKENS", 1000, int, 1),
         "OPENAI_TIMEOUT": env_number(env, "OPENAI_TIMEOUT", min(20.0, deadline), float, 0.1),
@@ -438,18 +468,6 @@ def load_config(env: Mapping) -> dict:
 
 
 # --- the seller's own data: the main server's bot API and its tools (v1.2) ---------
-
-FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def env_flag(env: Mapping, name: str, default: bool) -> bool:
-    """A yes/no setting: true/false, 1/0, yes/no (any case); unset means ``default``."""
-    raw = env_text(env, name)
-    if raw is None:
-        return default
-    if raw.lower() not in FLAG_VALUES:
-        raise ConfigError(f"{name}={raw!r} must be true or false (or 1/0, yes/no)")
-    return FLAG_VALUES[raw.lower()]
 
 
 def mainserver_settings(env: Mapping) -> dict:

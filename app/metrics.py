@@ -195,3 +195,25 @@ TOOL_DURATION = Histogram(
 MAINSERVER_BREAKER_OPENED = Counter(
     "ai_chat_mainserver_breaker_opened_total", "Times the main server's circuit opened"
 )
+
+
+# --- Redis (v1.2; app/cache.py) -------------------------------------------------------
+# ``use`` comes from the fixed set app.cache.USES, ``outcome`` is hit, miss or
+# fallback (Redis could not be asked, or failed: PostgreSQL answered).
+REDIS_REQUESTS = Counter(
+    "ai_chat_redis_requests_total",
+    "Redis lookups by use (answer, limits, context, tool, breaker) and outcome "
+    "(hit, miss, fallback)",
+    ["use", "outcome"],
+)
+# Labelled by the server (host:port or socket path, never the password) so
+# that no series exists where Redis is not configured, and none in a process
+# that never used Redis: an unlabelled gauge would be written as 0 by every
+# worker's first metric and by the gunicorn master, and "livemin" would then
+# report Redis down for ever. livemin: one worker that sees Redis down shows 0.
+REDIS_UP = Gauge(
+    "ai_chat_redis_up",
+    "1 while this process reaches Redis, 0 while it falls back to PostgreSQL",
+    ["server"],
+    multiprocess_mode="livemin",
+)

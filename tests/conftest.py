@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import psycopg2
 import pytest
+import redis
 from flask_migrate import upgrade
 from werkzeug.serving import make_server
 
@@ -22,6 +23,8 @@ os.environ["AI_CHAT_ENV_FILE"] = os.devnull
 
 from app import create_app  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
+from tests.redis_server import unavailable_reason as redis_server_missing  # noqa: E402
 from tests.servers import API_KEY  # noqa: E402
 
 ADMIN_DSN = os.environ.get("TEST_POSTGRES_DSN", "host=127.0.0.1 port=5432 user=postgres")
@@ -192,6 +195,7 @@ def make_app(database_url, fake_llm):
     for app in apps:
         # Keep-alive sockets left to the garbage collector would warn (= fail).
         app.extensions["llm"].close()
+        app.extensions["cache"].close()
         with app.app_context():
             db.engine.dispose()
 
@@ -281,3 +285,40 @@ def live_server(app):
     """The app on a real threaded HTTP server (for concurrency)."""
     with served(app) as url:
         yield url
+
+
+# --- Redis (v1.2) ---------------------------------------------------------------------
+
+# The machine's shared Redis: tests only ever touch keys under a prefix of their own.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def delete_keys(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` (never FLUSHALL: the server is shared)."""
+    with redis.Redis.from_url(url, decode_responses=True) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.unlink(*keys[start:start + 500])
+
+
+@pytest.fixture
+def redis_env():
+    """Env overrides for ``make_app`` / ``Cache``: the shared test Redis under a
+    key prefix of this test's own, whose keys are deleted afterwards.
+
+    ``make_app(**redis_env)``.
+    """
+    prefix = f"ai_chat_test_{uuid.uuid4().hex[:12]}:"
+    yield {"REDIS_URL": TEST_REDIS_URL, "REDIS_PREFIX": prefix}
+    delete_keys(TEST_REDIS_URL, prefix)
+
+
+@pytest.fixture
+def throwaway_redis():
+    """A ``RedisServer`` of this test's own, which it may kill, pause, restart
+    or flush (tests/redis_server.py); removed afterwards."""
+    reason = redis_server_missing()
+    if reason:
+        pytest.skip(reason)
+    with RedisServer() as server:
+        yield server

@@ -367,6 +367,56 @@ def test_main_server_settings_reach_the_client(tools_app):
     assert (client.breaker.failures, client.breaker.open_seconds) == (3, 12)
 
 
+# --- v1.2: Redis ---------------------------------------------------------------------
+
+
+def test_without_redis_url_there_is_no_redis_and_the_defaults_apply():
+    from app.config import redis_settings
+
+    assert redis_settings({}) == {
+        "REDIS_URL": None,
+        "REDIS_TIMEOUT": 0.05,
+        "REDIS_PREFIX": "ai_chat:",
+        "ANSWER_CACHE": True,
+        "ANSWER_CACHE_TTL": 86400,
+    }
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://redis:6379/0", "rediss://:secret@cache.example:6380/1", "unix:///run/redis.sock",
+     "REDIS://redis"],
+)
+def test_redis_urls_of_the_three_schemes_are_accepted(url):
+    from app.config import redis_settings
+
+    assert redis_settings({"REDIS_URL": url})["REDIS_URL"] == url
+
+
+@pytest.mark.parametrize(
+    "env, name",
+    [
+        pytest.param({"REDIS_URL": "http://:pw@redis:6379"}, "REDIS_URL", id="url-scheme"),
+        pytest.param({"REDIS_URL": "redis-host:6379"}, "REDIS_URL", id="url-no-scheme"),
+        pytest.param({"REDIS_TIMEOUT": "0"}, "REDIS_TIMEOUT", id="timeout-zero"),
+        pytest.param({"REDIS_TIMEOUT": "10"}, "REDIS_TIMEOUT", id="timeout-too-long"),
+        pytest.param({"REDIS_TIMEOUT": "50ms"}, "REDIS_TIMEOUT", id="timeout-not-a-number"),
+        pytest.param({"ANSWER_CACHE": "maybe"}, "ANSWER_CACHE", id="flag-not-a-flag"),
+        pytest.param({"ANSWER_CACHE_TTL": "0"}, "ANSWER_CACHE_TTL", id="ttl-zero"),
+        pytest.param({"ANSWER_CACHE_TTL": "1.5"}, "ANSWER_CACHE_TTL", id="ttl-not-an-integer"),
+    ],
+)
+def test_a_malformed_redis_setting_stops_start_up_naming_it(env, name):
+    from app.config import ConfigError, redis_settings
+
+    with pytest.raises(ConfigError) as stopped:
+        redis_settings(env)
+
+    message = str(stopped.value)
+    assert name in message and "\n" not in message
+    assert "pw" not in message  # a URL's password is never repeated
+
+
 @pytest.mark.parametrize(
     "raw, expected",
     [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
@@ -380,7 +430,6 @@ def test_tools_enabled_reads_yes_and_no(tools_app, raw, expected):
     "name, value",
     [
         ("TOOLS_ENABLED", "maybe"),
-        ("TOOLS_ENABLED", "on"),
         ("TOOLS_MAX_ROUNDS", "0"),
         ("TOOLS_MAX_ROUNDS", "11"),
         ("TOOLS_MAX_ROUNDS", "2.5"),
@@ -419,3 +468,30 @@ def test_models_without_tools_are_configured_models(tools_app):
     )
 
     assert app.config["LLM_MODELS_WITHOUT_TOOLS"] == ("qwen2.5-7b", "llama3")
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [("true", True), ("TRUE", True), ("1", True), ("yes", True), ("on", True),
+     ("false", False), ("0", False), ("No", False), ("off", False), ("", True)],
+)
+def test_answer_cache_accepts_the_usual_yes_and_no_words(raw, expected):
+    from app.config import redis_settings
+
+    assert redis_settings({"ANSWER_CACHE": raw})["ANSWER_CACHE"] is expected
+
+
+def test_redis_settings_reach_the_app_config(sqlite_url, monkeypatch):
+    for name in ("REDIS_URL", "REDIS_TIMEOUT", "REDIS_PREFIX", "ANSWER_CACHE",
+                 "ANSWER_CACHE_TTL"):
+        monkeypatch.delenv(name, raising=False)
+    app = create_app({
+        "API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, "REDIS_URL": "redis://redis:6379",
+        "REDIS_TIMEOUT": "0.2", "REDIS_PREFIX": "wb:", "ANSWER_CACHE": "no",
+        "ANSWER_CACHE_TTL": "600",
+    })
+
+    assert (app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"], app.config["REDIS_PREFIX"],
+            app.config["ANSWER_CACHE"], app.config["ANSWER_CACHE_TTL"]) == (
+        "redis://redis:6379", 0.2, "wb:", False, 600)
+    assert app.extensions["cache"].configured

@@ -21,7 +21,7 @@ import openai
 
 from app import metrics
 from app.errors import LLMNotConfigured, LLMTimeout, LLMUnavailable, ValidationFailed
-from app.llm.breaker import Breaker
+from app.llm.breaker import make_breaker
 from app.llm.providers import (
     TRANSIENT,
     CallSettings,
@@ -51,14 +51,16 @@ class Cancelled(Exception):
 class LLM:
     """Every configured model, built once per process; share across threads."""
 
-    def __init__(self, config):
+    def __init__(self, config, cache=None):
         self.settings = CallSettings.from_config(config)
         self.providers = {
             name: Provider(
                 name,
                 provider,
                 self.settings.timeout,
-                Breaker(config["LLM_BREAKER_FAILURES"], config["LLM_BREAKER_OPEN_SECONDS"]),
+                # Shared by every instance through Redis when ``cache`` is configured.
+                make_breaker(f"llm:{name}", config["LLM_BREAKER_FAILURES"],
+                             config["LLM_BREAKER_OPEN_SECONDS"], cache),
             )
             for name, provider in config["LLM_PROVIDERS"].items()
         }
