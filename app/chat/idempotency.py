@@ -36,7 +36,7 @@ _CLAIM = Statement(
 # The stored answer of a key, with what a replay reports about today's quota.
 _LOOKUP = Statement(
     f"""
-    SELECT k.message_sha256, r.response, r.tokens_used, r.model, {USER_LIMIT_SQL},
+    SELECT k.message_sha256, r.response, r.tokens_used, r.model, r.tools, {USER_LIMIT_SQL},
         (SELECT request_count FROM ai_chat_daily_limits
          WHERE telegram_id = :telegram_id AND last_reset_date >= :today)
     FROM ai_chat_idempotency_keys AS k
@@ -67,6 +67,7 @@ class StoredAnswer:
     response: str
     tokens_used: int
     model: str | None
+    tools: list[str]
     daily_limit: int
     used_today: int
 
@@ -110,12 +111,17 @@ def claim_key(
     if not rows:
         # The holder failed and released the key between our two statements.
         raise RequestInProgress()
-    stored_sha, response, tokens, model, limit, used = rows[0]
+    stored_sha, response, tokens, model, tools, limit, used = rows[0]
     if stored_sha != sha:
         raise IdempotencyKeyReused()
     if response is None:
         raise RequestInProgress()
-    return StoredAnswer(response, tokens or 0, model, limit, used or 0)
+    return StoredAnswer(response, tokens or 0, model, tool_names(tools), limit, used or 0)
+
+
+def tool_names(stored: str | None) -> list[str]:
+    """The tools column (comma-separated; null on old rows) as a list."""
+    return stored.split(",") if stored else []
 
 
 def release_key(conn: Connection, claim: Claim) -> None:

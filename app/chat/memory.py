@@ -309,7 +309,7 @@ def fold(telegram_id: int) -> None:
     finally:
         metrics.SUMMARY_DURATION.observe(time.monotonic() - started)
     text = clip(completion.text.strip(), config["SUMMARY_MAX_CHARS"])
-    call = spend.priced_call("summary", completion.model, completion.tokens)
+    call = spend.priced_call(config["LLM_PRICES"], "summary", completion.model, completion.tokens)
     now = _now()
     with sql.connection() as conn, sql.transaction(conn):
         stored = conn.count(_STORE, {**lease, "summary": text,
@@ -317,7 +317,7 @@ def fold(telegram_id: int) -> None:
         # Spent whether or not it is kept: the operator pays for the call.
         records.record_call(conn, telegram_id, call,
                             now.astimezone(config["TIMEZONE"]).date(), now)
-    spend.count_call(call)
+    spend.count_call(llm, call)
     metrics.SUMMARY_FOLDS.labels("ok" if stored else "dropped").inc()
 
 

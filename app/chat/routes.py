@@ -132,7 +132,8 @@ class Send(MethodView):
 
 
 STREAM_DOC = {
-    "description": "Server-Sent Events: delta {text}, snapshot {text, parts} (at most once per "
+    "description": "Server-Sent Events: status {tool, text} per seller-data tool call (before "
+                   "the first delta), delta {text}, snapshot {text, parts} (at most once per "
                    "STREAM_SNAPSHOT_INTERVAL), then done (send's 200 body) or error "
                    "{error, message}; ': keep-alive' comments while the model is silent",
     "content": {
@@ -142,7 +143,8 @@ STREAM_DOC = {
                 "type": "object",
                 "required": ["event", "data"],
                 "properties": {
-                    "event": {"type": "string", "enum": ["delta", "snapshot", "done", "error"]},
+                    "event": {"type": "string",
+                              "enum": ["status", "delta", "snapshot", "done", "error"]},
                     "data": {"type": "string", "contentMediaType": "application/json",
                              "example": '{"text": "Чтобы поднять"}'},
                 },

@@ -186,6 +186,16 @@ class SendResponse(Schema):
     model = fields.String(
         required=True, allow_none=True, metadata=ex("gpt-4o-mini", "The model that answered")
     )
+    tools = fields.List(
+        fields.String(), required=True,
+        metadata=ex(["get_sales"], "The seller-data tools that ran for this answer "
+                                   "(empty when none did)"),
+    )
+    cached = fields.Boolean(
+        required=True,
+        metadata=ex(False, "Answered from the common-answer cache (no model call, "
+                           "tokens_used 0; a unit is spent as for any answer)"),
+    )
 
 
 class HistoryItem(Schema):
@@ -195,6 +205,9 @@ class HistoryItem(Schema):
     tokens_used = fields.Integer(required=True, metadata=ex(412))
     model = fields.String(
         required=True, allow_none=True, metadata=ex("gpt-4o-mini", "null on old rows")
+    )
+    tools = fields.List(
+        fields.String(), required=True, metadata=ex(["get_sales"], "The tools the answer used")
     )
     created_at = fields.AwareDateTime(required=True, metadata=ex("2026-11-25T12:40:13+00:00"))
 
@@ -237,6 +250,10 @@ class StatsResponse(Schema):
         fields.Nested(lambda: ModelStats()),
         required=True,
         metadata={"description": "The same totals per model, most used first"},
+    )
+    by_tool = fields.Dict(
+        keys=fields.String(), values=fields.Integer(), required=True,
+        metadata=ex({"get_sales": 3}, "Answers that used each seller-data tool"),
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -27,10 +28,11 @@ from flask import current_app
 from app import metrics, sql
 from app.chat import idempotency, memory, prompts, quota, records, spend
 from app.chat.quota import Day, Usage
+from app.chat.seller_data import SellerData
 from app.chat.service import current_day
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import DATABASE_OUTAGE, ApiError, DailyLimitExceeded, RequestInProgress
-from app.llm import Tokens
+from app.llm import Completion, Tokens
 from app.logs import annotate
 from app.render import Rendered, render
 from app.user_context import fetch_user_context
@@ -70,6 +72,8 @@ class Answer:
     day: Day
     format: str
     timings: dict = field(default_factory=dict)
+    tools: list[str] = field(default_factory=list)  # the seller-data tools that ran
+    cached: bool = False  # answered from the common-answer cache
 
     @cached_property
     def rendered(self) -> Rendered:
@@ -83,6 +87,8 @@ class Answer:
             "tokens_used": self.tokens_used,
             "daily_limit": self.usage.limit,
             "model": self.model,
+            "tools": self.tools,
+            "cached": self.cached,
         }
 
 
@@ -139,11 +145,12 @@ class Exchange:
         self.claim: idempotency.Claim | None = None
         self.reservation: quota.Reservation | None = None
         self.chain = None
+        self.seller: SellerData | None = None
+        self.model_by = 0.0  # time.monotonic() by which the model must have answered
         self.messages: list[dict] = []
         # The model calls of the answer and their tokens, and the tools it ran.
         self.calls: list[records.Call] = []
         self.tokens = Tokens()
-        self.tools_used: list[str] = []
         self._settled = False
         annotate(telegram_id=command.telegram_id, message_chars=len(command.message))
 
@@ -197,7 +204,11 @@ class Exchange:
         metrics.QUOTA_RESERVATIONS.inc()
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
-            self.chain = self.llm.route(command.model, self.reservation.preferred_model)
+            self.seller = SellerData(
+                self.config, current_app.extensions["mainserver"], command.telegram_id,
+                self.llm.route(command.model, self.reservation.preferred_model),
+            )
+            self.chain = self.seller.chain
             context = self.reservation.context
             if context is None:  # SQLite: read after the reservation
                 with sql.connection() as conn:
@@ -216,6 +227,9 @@ class Exchange:
         except BaseException as error:
             self.abandon(error)
             raise
+        self.model_by = time.monotonic() + self.command.deadline.budget(
+            self.config["LLM_DEADLINE"], WRITE_RESERVE_SECONDS
+        )
         self.watch.lap("context")
         return None
 
@@ -226,16 +240,45 @@ class Exchange:
         return longest + self.config["LLM_DEADLINE"] + 30
 
     def llm_budget(self) -> float:
-        """The model's share of the deadline: LLM_DEADLINE at most, and time
-        left for the writes after it."""
-        return self.command.deadline.budget(self.config["LLM_DEADLINE"], WRITE_RESERVE_SECONDS)
+        """What is left of the model's time, every round and tool call
+        included: LLM_DEADLINE from when the prompt was ready at most, and
+        time left for the writes after it."""
+        return max(0.0, self.model_by - time.monotonic())
 
     # --- the model and after ------------------------------------------------
 
+    def model_rounds(self, ask, on_status: Callable[[dict], None] = lambda status: None):
+        """Ask the model, running the seller-data tools it calls, round after
+        round (TOOLS_MAX_ROUNDS at most), then once more without tools.
+
+        ``ask(tools)`` calls the model on ``self.messages`` with the tools
+        offered (None: none) and returns a Completion when the model asked
+        for tools, else whatever its delivery needs (send: the Completion;
+        stream: the open upstream). ``on_status`` gets each call's status
+        (the stream's ``status`` events). Returns the last ``ask``'s result.
+
+        Raises: the model's errors (the caller abandons the exchange).
+        """
+        for _ in range(self.seller.rounds):
+            result = ask(self.seller.specs)
+            if not (isinstance(result, Completion) and result.tool_calls):
+                return result
+            self.calls.append(spend.priced_call(
+                self.config["LLM_PRICES"], "tool_round", result.model, result.tokens
+            ))
+            self.tokens += result.tokens
+            budget = min(self.config["TOOL_TIMEOUT"], self.llm_budget())
+            self.messages += self.seller.run_round(
+                result.tool_calls, result.text or None, budget, on_status
+            )
+        return ask(None)
+
     def complete(self) -> Answer:
-        """Ask the model for the whole answer, then save it."""
+        """Ask the model for the whole answer (its tool rounds first), then save it."""
         try:
-            completion = self.llm.complete(self.messages, self.chain, self.llm_budget())
+            completion = self.model_rounds(lambda tools: self.llm.complete(
+                self.messages, self.chain, self.llm_budget(), tools
+            ))
         except BaseException as error:
             self.abandon(error)
             raise
@@ -255,7 +298,7 @@ class Exchange:
         """
         command = self.command
         text = storable(text)
-        self.calls.append(spend.priced_call("answer", model, tokens))
+        self.calls.append(spend.priced_call(self.config["LLM_PRICES"], "answer", model, tokens))
         self.tokens += tokens
         values = {
             "telegram_id": command.telegram_id,
@@ -266,7 +309,7 @@ class Exchange:
             "request_date": self.reservation.counted_on,
             "created_at": self.day.now,
             "model": model,
-            "tools": ",".join(self.tools_used),
+            "tools": ",".join(self.seller.used),
             "prompt_tokens": self.tokens.prompt,
             "completion_tokens": self.tokens.completion,
             "cost": spend.total_cost(self.calls),
@@ -292,7 +335,7 @@ class Exchange:
         timings = self.watch.total()
         try:
             for call in self.calls:
-                spend.count_call(call)
+                spend.count_call(self.llm, call)
             for phase, ms in timings.items():
                 metrics.PHASE_DURATION.labels(phase).observe(ms / 1000)
             annotate(outcome="answered", llm_ms=round(timings.get("llm", 0.0), 1),
@@ -302,7 +345,8 @@ class Exchange:
         except Exception:  # bookkeeping never turns a saved, charged answer into an error
             log.exception("bookkeeping of a saved answer failed")
         usage = self.reservation.usage
-        return Answer(text, self.tokens.total, model, usage, self.day, command.format, timings)
+        return Answer(text, self.tokens.total, model, usage, self.day, command.format, timings,
+                      list(self.seller.used))
 
     def abandon(self, error: BaseException) -> None:
         """Refund the unit and free the key of a request that got no answer."""
@@ -365,7 +409,7 @@ class Exchange:
         usage = Usage(stored.daily_limit, stored.used_today)
         return Answer(
             stored.response, stored.tokens_used, stored.model, usage, self.day,
-            self.command.format,
+            self.command.format, tools=stored.tools,
         )
 
     def _limit_exceeded(self, usage: Usage) -> DailyLimitExceeded:
@@ -380,14 +424,16 @@ class Exchange:
         )
 
     def _personalisation(self) -> str | None:
-        """The request's own context, or the main server's when none was given."""
+        """The seller's data given with the question: the request's own
+        context ("" = none), else the USER_CONTEXT_URL fetch, else, for a model
+        that gets no tools, the main server's dashboard."""
         command = self.command
         if command.user_context is not None:
             return command.user_context or None
         config = self.config
-        if not config["USER_CONTEXT_URL"]:
-            return None
         budget = command.deadline.budget(config["USER_CONTEXT_TIMEOUT"], WRITE_RESERVE_SECONDS)
+        if not config["USER_CONTEXT_URL"]:
+            return self.seller.dashboard(budget)
         text, outcome = fetch_user_context(
             config["USER_CONTEXT_URL"], command.telegram_id, config["USER_CONTEXT_API_KEY"],
             budget,

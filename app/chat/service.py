@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from app import sql
 from app.chat import idempotency, memory, quota
+from app.chat.idempotency import tool_names
 from app.chat.quota import Day
 from app.extensions import db
 from app.models import ChatRequest
@@ -43,6 +44,7 @@ def history(telegram_id: int, limit: int, offset: int, format: str) -> dict:
             # Rows the old service wrote may have none.
             "tokens_used": row.tokens_used or 0,
             "model": row.model,
+            "tools": tool_names(row.tools),
             "created_at": row.created_at,
         }
         for row in rows
@@ -99,6 +101,15 @@ def stats(telegram_id: int, days: int) -> dict:
         .group_by(ChatRequest.model)
         .order_by(func.count().desc())
     ).all()
+    by_tool: dict[str, int] = {}
+    for (tools,) in db.session.execute(
+        select(ChatRequest.tools).where(
+            ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since,
+            ChatRequest.tools > "",
+        )
+    ):
+        for name in tool_names(tools):
+            by_tool[name] = by_tool.get(name, 0) + 1
     db.session.commit()
     requests = sum(count for _, count, _ in rows)
     tokens = sum(int(used) for _, _, used in rows)
@@ -113,6 +124,7 @@ def stats(telegram_id: int, days: int) -> dict:
             {"model": model, "requests": count, "tokens": int(used)}
             for model, count, used in rows
         ],
+        "by_tool": by_tool,
     }
 
 

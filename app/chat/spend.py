@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from flask import current_app
-
 from app import metrics
 from app.chat.records import Call
 from app.llm import Tokens
@@ -34,9 +32,9 @@ def call_cost(prices: dict, model: str | None, tokens: Tokens) -> Decimal | None
     return (amount / MILLION).quantize(PRECISION)
 
 
-def priced_call(purpose: str, model: str | None, tokens: Tokens) -> Call:
-    """One call of ``model`` with its tokens and cost (this app's prices)."""
-    cost = call_cost(current_app.config["LLM_PRICES"], model, tokens)
+def priced_call(prices: dict, purpose: str, model: str | None, tokens: Tokens) -> Call:
+    """One call of ``model`` with its tokens and cost at ``prices`` (LLM_PRICES)."""
+    cost = call_cost(prices, model, tokens)
     prompt, completion = tokens.prompt, tokens.completion
     if not (prompt or completion):
         completion = tokens.total  # only a total: counted where it is charged
@@ -49,12 +47,10 @@ def total_cost(calls: list[Call]) -> Decimal | None:
     return sum(costs, Decimal(0)) if costs else None
 
 
-def count_call(call: Call) -> None:
+def count_call(llm, call: Call) -> None:
     """Prometheus: the tokens and cost of a call, by model (floats only here)."""
     if call.model is None:
         return
-    current_app.extensions["llm"].count_tokens(
-        call.model, call.prompt_tokens + call.completion_tokens
-    )
+    llm.count_tokens(call.model, call.prompt_tokens + call.completion_tokens)
     if call.cost is not None:
         metrics.LLM_COST.labels(call.model).inc(float(call.cost))

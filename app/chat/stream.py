@@ -43,6 +43,7 @@ from app import metrics
 from app.chat.send import Answer, Exchange, SendCommand, rate_limit_headers, storable
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import ApiError, LLMTimeout, LLMUnavailable, ServiceUnavailable
+from app.llm import Completion
 from app.render import render
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,9 @@ class Pump:
     """Reads the model's stream into a buffer, in a thread of its own."""
 
     def __init__(self, exchange: Exchange):
-        self._llm = exchange.llm
-        self._messages, self._chain = exchange.messages, exchange.chain
-        self._budget = exchange.llm_budget()
+        self._exchange = exchange
         self._pending: list[str] = []
+        self._statuses: list[dict] = []  # of the tool calls, before the first piece
         self._ready = threading.Condition()
         self._eager = False
         self._woken = False
@@ -129,17 +129,18 @@ class Pump:
         self._thread = threading.Thread(target=self._run, name="ai-chat-stream", daemon=True)
         self._thread.start()
 
-    def take(self, until: float, gather_until: float) -> tuple[str, bool]:
-        """The text that arrived since the last call, and whether the stream
-        has ended (nothing more will come).
+    def take(self, until: float, gather_until: float) -> tuple[list[dict], str, bool]:
+        """The tool statuses and the text that arrived since the last call,
+        and whether the stream has ended (nothing more will come).
 
         Returns at the end of the stream, at ``until`` (monotonic), when
-        ``wake`` is called, or once there is text and ``gather_until`` has
-        passed: pieces arriving before that gather without waking this
-        thread, so several go out in one write (and one wake-up).
+        ``wake`` is called, at once for a status, or once there is text and
+        ``gather_until`` has passed: pieces arriving before that gather
+        without waking this thread, so several go out in one write (and one
+        wake-up).
         """
         with self._ready:
-            while not self.finished and not self._woken:
+            while not self.finished and not self._woken and not self._statuses:
                 now = time.monotonic()
                 if now >= until or (self._pending and now >= gather_until):
                     break
@@ -148,9 +149,10 @@ class Pump:
                 wake_at = until if self._eager else min(until, gather_until)
                 self._ready.wait(wake_at - now)
             self._eager = self._woken = False
+            statuses, self._statuses = self._statuses, []
             text = "".join(self._pending)
             self._pending.clear()
-            return text, self.finished
+            return statuses, text, self.finished
 
     def wake(self) -> None:
         """Make the waiting ``take`` return now (from any thread)."""
@@ -174,6 +176,11 @@ class Pump:
             if self._eager:
                 self._ready.notify()
 
+    def _status(self, status: dict) -> None:
+        with self._ready:
+            self._statuses.append(status)
+            self._ready.notify()
+
     def _attach(self, upstream) -> None:
         """The provider answered: from now on ``abort`` can cut its stream."""
         with self._ready:
@@ -182,11 +189,22 @@ class Pump:
         if aborted:
             upstream.abort()
 
+    def _ask(self, tools: list[dict] | None):
+        """One round of the exchange's model rounds, streamed: the open
+        upstream and its first piece, or, when the model asked for tools
+        instead, the Completion of that round."""
+        exchange = self._exchange
+        upstream, first = exchange.llm.stream(
+            exchange.messages, exchange.chain, exchange.llm_budget(), self._attach,
+            self._cancel, tools,
+        )
+        if first is None:
+            return Completion("", upstream.tokens, upstream.model.name, upstream.tool_calls)
+        return upstream, first
+
     def _run(self) -> None:
         try:
-            upstream, first = self._llm.stream(
-                self._messages, self._chain, self._budget, self._attach, self._cancel
-            )
+            upstream, first = self._exchange.model_rounds(self._ask, self._status)
             self._attach(upstream)
             try:
                 self._put(first)
@@ -247,8 +265,11 @@ def answered(exchange: Exchange) -> Iterator[bytes]:
             # DELTA_GATHER_SECONDS of the last delta goes out as one: a model
             # writes a token every ~20 ms, and one write per token was most of
             # a stream's CPU (bench/RESULTS.md).
-            piece, finished = pump.take(min(due), last_delta + DELTA_GATHER_SECONDS)
+            statuses, piece, finished = pump.take(min(due), last_delta + DELTA_GATHER_SECONDS)
             now = time.monotonic()
+            for status in statuses:
+                last_write = now
+                yield event("status", status)
             if piece:
                 if not text:
                     metrics.STREAM_FIRST_TOKEN.observe(now - arrived)

@@ -29,6 +29,7 @@ from app.llm.providers import (
     Model,
     Provider,
     Tokens,
+    ToolCall,
     Unusable,
     Upstream,
     cancelled,
@@ -36,7 +37,7 @@ from app.llm.providers import (
     open_stream,
 )
 
-__all__ = ["LLM", "Cancelled", "Completion", "Model", "Tokens", "Upstream"]
+__all__ = ["LLM", "Cancelled", "Completion", "Model", "Tokens", "ToolCall", "Upstream"]
 
 log = logging.getLogger("app.llm")
 
@@ -105,8 +106,12 @@ class LLM:
             raise LLMNotConfigured()
         return chain
 
-    def complete(self, messages: list[dict], chain: list[Model], budget: float) -> Completion:
-        """The first answer the chain gives within ``budget`` seconds.
+    def complete(
+        self, messages: list[dict], chain: list[Model], budget: float,
+        tools: list[dict] | None = None,
+    ) -> Completion:
+        """The first answer the chain gives within ``budget`` seconds (the calls
+        the model asks for, when it is offered ``tools`` and wants them).
 
         Raises:
             LLMTimeout: the last attempt timed out, or the budget ran out.
@@ -114,12 +119,12 @@ class LLM:
                 a 4xx other than 429.
         """
         return self._walk(chain, budget, lambda model, share: complete(
-            model, messages, self.settings, share
+            model, messages, self.settings, share, tools
         ))
 
     def stream(
         self, messages: list[dict], chain: list[Model], budget: float, on_open,
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None = None, tools: list[dict] | None = None,
     ):
         """Start a streamed answer: the first model of the chain to give a
         first piece within ``budget``. Returns (Upstream, first piece); the
@@ -135,7 +140,7 @@ class LLM:
         Raises: as ``complete``, and Cancelled once ``cancel`` is set.
         """
         return self._walk(chain, budget, lambda model, share: open_stream(
-            model, messages, self.settings, share, on_open, cancel
+            model, messages, self.settings, share, on_open, cancel, tools
         ), cancel)
 
     def _walk(self, chain: list[Model], budget: float, call, cancel=None):

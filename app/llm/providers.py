@@ -134,21 +134,55 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One call of a tool the model asked for: its id, the tool's name and the
+    arguments as the model wrote them (JSON text, checked by whoever runs it)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class Completion:
+    """A model's answer: its text, or (a tool round) the tools it asks for."""
+
     text: str
     tokens: Tokens
     model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
-def _body(model: Model, messages: list[dict], settings: CallSettings, **extra) -> dict:
-    """The chat-completions request body."""
-    return {
+def _body(
+    model: Model, messages: list[dict], settings: CallSettings, tools: list[dict] | None,
+    **extra,
+) -> dict:
+    """The chat-completions request body (with the tools offered, if any)."""
+    body = {
         "model": model.name,
         "messages": messages,
         "temperature": settings.temperature,
         "max_tokens": settings.max_tokens,
         **extra,
     }
+    if tools:
+        body["tools"] = tools
+    return body
+
+
+def tool_calls_of(raw) -> tuple[ToolCall, ...]:
+    """The well-formed function calls of ``message.tool_calls`` (others are
+    skipped: a call without an id cannot be answered)."""
+    calls = []
+    for item in raw if isinstance(raw, list) else ():
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict) or not isinstance(item.get("id"), str):
+            continue
+        name, arguments = function.get("name"), function.get("arguments")
+        if isinstance(name, str):
+            arguments = arguments if isinstance(arguments, str) else ""
+            calls.append(ToolCall(item["id"], name, arguments))
+    return tuple(calls)
 
 
 # The budget of the request being retried, read by backoff as its retries start,
@@ -203,8 +237,12 @@ def _timed_attempt(attempt, settings: CallSettings, deadline_at: float):
     return attempt(min(settings.timeout, remaining))
 
 
-def complete(model: Model, messages: list[dict], settings: CallSettings, budget: float):
-    """The model's whole answer, retried within ``budget``.
+def complete(
+    model: Model, messages: list[dict], settings: CallSettings, budget: float,
+    tools: list[dict] | None = None,
+):
+    """The model's whole answer (or, when it is offered ``tools``, the calls it
+    asks for), retried within ``budget``.
 
     Sent with the SDK's low-level ``post`` (its documented way to call an
     endpoint with a plain body) and read with ``json.loads``: the same client,
@@ -215,7 +253,7 @@ def complete(model: Model, messages: list[dict], settings: CallSettings, budget:
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
-    body = _body(model, messages, settings)
+    body = _body(model, messages, settings, tools)
 
     def attempt(timeout: float) -> Completion:
         response = model.provider.client.post(
@@ -224,11 +262,16 @@ def complete(model: Model, messages: list[dict], settings: CallSettings, budget:
         )
         try:
             answer = json.loads(response.content)
-            text = answer["choices"][0]["message"]["content"]
+            message = answer["choices"][0]["message"]
+            text = message.get("content")
             usage = answer.get("usage")
         except (ValueError, LookupError, TypeError, AttributeError) as error:
             # A 200 whose body is not a chat completion (an HTML error page…).
             raise Unusable(type(error).__name__) from None
+        calls = tool_calls_of(message.get("tool_calls")) if tools else ()
+        if calls:
+            return Completion(text if isinstance(text, str) else "", token_usage(usage),
+                              model.name, calls)
         if not isinstance(text, str) or not text.strip():
             raise Unusable("empty answer")
         return Completion(text=text, tokens=token_usage(usage), model=model.name)
@@ -287,7 +330,18 @@ class Upstream:
         self.tokens = Tokens()
         self.aborted = False
         self._lock = threading.Lock()
+        # A tool round: the calls' pieces by index, put together as they come.
+        self._calls: dict[int, dict] = {}
         self.pieces = self._read(event_stream_lines(response))
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tools the model asked for (read once the stream has ended)."""
+        return tool_calls_of([
+            {"id": call.get("id"), "function": {"name": call["name"],
+                                                 "arguments": "".join(call["arguments"])}}
+            for _, call in sorted(self._calls.items())
+        ])
 
     def _read(self, lines) -> Iterator[str]:
         """The content pieces; Unusable when the provider reports an error in the
@@ -306,11 +360,28 @@ class Upstream:
                 self.tokens = token_usage(chunk["usage"])
             for choice in chunk.get("choices") or ():
                 finished = finished or bool(choice.get("finish_reason"))
-                text = (choice.get("delta") or {}).get("content")
+                delta = choice.get("delta") or {}
+                self._gather(delta.get("tool_calls"))
+                text = delta.get("content")
                 if text:
                     yield text
         if not finished:
             raise Unusable("stream ended before the answer did")
+
+    def _gather(self, pieces) -> None:
+        """Add a delta's pieces of tool calls (the id and name come first, the
+        arguments in fragments) to the calls being put together."""
+        for piece in pieces if isinstance(pieces, list) else ():
+            if not isinstance(piece, dict) or not isinstance(piece.get("index"), int):
+                continue
+            call = self._calls.setdefault(piece["index"], {"id": None, "name": "",
+                                                           "arguments": []})
+            call["id"] = piece.get("id") or call["id"]
+            function = piece.get("function") or {}
+            call["name"] += function.get("name") or ""
+            fragment = function.get("arguments")
+            if isinstance(fragment, str):
+                call["arguments"].append(fragment)
 
     def abort(self) -> None:
         with self._lock:
@@ -331,18 +402,21 @@ class Upstream:
 
 def open_stream(
     model: Model, messages: list[dict], settings: CallSettings, budget: float, on_open,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | None = None, tools: list[dict] | None = None,
 ):
     """Start a streamed answer and wait for its first piece, retried within
     ``budget`` (nothing has reached the client before the first piece, so a
     retry is invisible). Sent with the SDK's low-level ``post``, as
     ``complete``. ``on_open(upstream)`` is called as soon as the provider
     answers, so the caller can abort the wait for the first piece.
-    Returns (Upstream, first piece).
+    Returns (Upstream, first piece), or (Upstream, None) when the model,
+    offered ``tools``, asks for calls instead (``Upstream.tool_calls``; the
+    stream is read to its end then).
 
     Raises the ``openai`` errors of the last attempt, or Unusable.
     """
-    body = _body(model, messages, settings, stream=True, stream_options={"include_usage": True})
+    body = _body(model, messages, settings, tools, stream=True,
+                 stream_options={"include_usage": True})
 
     def attempt(timeout: float):
         # ``timeout`` (OPENAI_TIMEOUT, or less when less is left of the budget)
@@ -373,6 +447,8 @@ def open_stream(
             raise Unusable("not an event stream") from None
         if first is None:
             upstream.close()
+            if upstream.tool_calls:
+                return upstream, None
             raise Unusable("stream without content")
         return upstream, first
 

@@ -26,6 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from app import metrics
+from app.llm import ToolCall
 from app.mainserver.arguments import BadArguments, check_arguments, echo
 from app.mainserver.client import MainServer, MainServerError, MainServerTimeout, ToolSettings
 from app.mainserver.reduction import dumps, fit
@@ -44,15 +45,6 @@ CACHE_KEY_VERSION = "v1"
 
 TOO_LARGE = "результат слишком большой"
 TOO_MANY = f"слишком много вызовов за один раз (не больше {MAX_CALLS_PER_ROUND})"
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """One call the model asked for: its id, tool name and JSON arguments text."""
-
-    id: str
-    name: str
-    arguments: str
 
 
 @dataclass(frozen=True)
