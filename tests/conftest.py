@@ -195,6 +195,7 @@ def make_app(database_url, fake_llm):
     for app in apps:
         # Keep-alive sockets left to the garbage collector would warn (= fail).
         app.extensions["llm"].close()
+        app.extensions["memory"].close()
         app.extensions["cache"].close()
         with app.app_context():
             db.engine.dispose()

@@ -212,6 +212,7 @@ class Folder:
         self._pid: int | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._queued: set[int] = set()
+        self._closed = threading.Event()
 
     def schedule(self, telegram_id: int) -> None:
         """Fold this user's memory soon (no-op when already queued here, or
@@ -244,10 +245,16 @@ class Folder:
             with self._lock:
                 self._queued.discard(telegram_id)
 
+    def close(self) -> None:
+        """Stop the sweeper and wait for the folds under way (tests; a worker
+        simply exits)."""
+        self._closed.set()
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.shutdown(wait=True)
+
     def _sweep_forever(self) -> None:
         pid = os.getpid()
-        while self._pid == pid:
-            time.sleep(SWEEP_SECONDS)
+        while self._pid == pid and not self._closed.wait(SWEEP_SECONDS):
             try:
                 with self.app.app_context():
                     due = due_users()
