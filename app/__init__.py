@@ -75,7 +75,7 @@ def create_app(overrides: dict | None = None) -> Flask:
     app.extensions["cache"] = Cache.from_config(app.config)
     app.extensions["llm"] = LLM(app.config, app.extensions["cache"])
     app.extensions["memory"] = Folder(app)
-    app.extensions["mainserver"] = MainServer.from_config(app.config)
+    app.extensions["mainserver"] = MainServer.from_config(app.config, app.extensions["cache"])
     document_models(api.spec, app.extensions["llm"].names)
     app.add_url_rule(
         f"{SWAGGER_UI_STATIC}/<path:filename>", "swagger_ui_static", _swagger_ui_file

@@ -127,12 +127,15 @@ def stats(telegram_id: int, days: int, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False))
         return
-    by_model = result.pop("by_model")
+    by_model, by_tool = result.pop("by_model"), result.pop("by_tool")
     for name, value in result.items():
         click.echo(f"{name}: {'unlimited' if value is None else value}")
     for row in by_model:
+        cost = "" if row["cost"] is None else f", {row['cost']} {result['currency']}"
         click.echo(f"model {row['model'] or '(not recorded)'}: "
-                   f"{row['requests']} request(s), {row['tokens']} token(s)")
+                   f"{row['requests']} request(s), {row['tokens']} token(s){cost}")
+    for tool, answers in by_tool.items():
+        click.echo(f"tool {tool}: {answers} answer(s)")
 
 
 # --- per-user settings -----------------------------------------------------------

@@ -66,6 +66,16 @@ LLM_COST = Counter(
     "Cost of model calls in PRICE_CURRENCY (models with a price in LLM_PRICES)",
     ["model"],
 )
+# ALERT_SPEND_PER_HOUR, for the spend alert of deploy/alerts.yml to compare
+# with: the threshold lives in one place. Labelled (by currency) so that no
+# series exists while it is unset: an unlabelled multiprocess gauge would be
+# written as 0 by every process, and a threshold of 0 would always fire.
+ALERT_SPEND_PER_HOUR = Gauge(
+    "ai_chat_alert_spend_per_hour",
+    "ALERT_SPEND_PER_HOUR: spend per hour in PRICE_CURRENCY above which an alert fires",
+    ["currency"],
+    multiprocess_mode="max",
+)
 LLM_FALLBACKS = Counter(
     "ai_chat_llm_fallbacks_total",
     "Requests that moved on from a failed model to the next",
@@ -157,6 +167,10 @@ def _count_database_outage(_error, **_kwargs) -> None:
 def init_app(app: Flask) -> None:
     """Time every request and serve ``/metrics`` (documented in the OpenAPI spec)."""
     database_outage.connect(_count_database_outage)
+    if app.config["ALERT_SPEND_PER_HOUR"] is not None:
+        ALERT_SPEND_PER_HOUR.labels(app.config["PRICE_CURRENCY"]).set(
+            float(app.config["ALERT_SPEND_PER_HOUR"])
+        )
     app.before_request(_start_timer)
     app.after_request(_record)
     app.add_url_rule("/metrics", "metrics", metrics_view)

@@ -174,6 +174,9 @@ def base_env(database_url: str, llm_url: str) -> dict:
         # Tests script upstream failures by the dozen; the circuit breaker would
         # turn some into skipped calls. Its own tests set it (tests/test_models.py).
         "LLM_BREAKER_FAILURES": "1000",
+        # A fold of a long conversation calls the model in the background and
+        # would take a scripted step; the memory's own tests turn it on.
+        "SUMMARY_ENABLED": "false",
         "LOG_LEVEL": "WARNING",
     }
 

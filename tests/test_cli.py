@@ -296,6 +296,8 @@ def test_stats_prints_totals_and_todays_quota(app, run, fake_llm):
         "total_tokens": "40",
         "avg_requests_per_day": "0.29",
         "avg_tokens_per_request": "20.0",
+        "total_cost": "0.0",
+        "currency": "USD",
         "requests_today": "2",
         "requests_remaining": "28",
         "daily_limit": "30",
@@ -317,10 +319,13 @@ def test_stats_json_is_one_object_with_the_same_numbers(app, run, fake_llm):
         "total_tokens": 12,
         "avg_requests_per_day": 1.0,
         "avg_tokens_per_request": 12.0,
+        "total_cost": 0,
+        "currency": "USD",
         "requests_today": 1,
         "requests_remaining": 29,
         "daily_limit": 30,
-        "by_model": [{"model": "gpt-4o-mini", "requests": 1, "tokens": 12}],
+        "by_model": [{"model": "gpt-4o-mini", "requests": 1, "tokens": 12, "cost": None}],
+        "by_tool": {},
     }
 
 

@@ -142,7 +142,9 @@ def test_history_items_carry_the_stored_exchange(api, sql):
 
     item = api.history().get_json()["items"][0]
 
-    assert set(item) == {"id", "message", "response", "tokens_used", "model", "created_at"}
+    assert set(item) == {
+        "id", "message", "response", "tokens_used", "model", "tools", "created_at"
+    }
     assert item["id"] == row_id
     assert item["model"] == sent["model"] == "gpt-4o-mini"
     assert item["message"] == "Как снизить ДРР?"
@@ -488,8 +490,11 @@ def test_stats_sum_and_average_the_window(api, sql, stats_day):
         "total_tokens": 70,
         "avg_requests_per_day": 0.43,
         "avg_tokens_per_request": 23.33,
+        "total_cost": 0,
+        "currency": "USD",
         # Rows written without a model (the old service's) are counted under null.
-        "by_model": [{"model": None, "requests": 3, "tokens": 70}],
+        "by_model": [{"model": None, "requests": 3, "tokens": 70, "cost": None}],
+        "by_tool": {},
     }
 
 
@@ -534,7 +539,10 @@ def test_stats_with_nothing_are_zeros(api, stats_day):
         "total_tokens": 0,
         "avg_requests_per_day": 0,
         "avg_tokens_per_request": 0,
+        "total_cost": 0,
+        "currency": "USD",
         "by_model": [],
+        "by_tool": {},
     }
 
 

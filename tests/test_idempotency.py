@@ -83,6 +83,8 @@ def test_answered_key_replays_stored_answer_without_llm_or_quota(api, fake_llm, 
         "remaining_requests": 29,
         "daily_limit": 30,
         "model": "gpt-4o-mini",
+        "tools": [],
+        "cached": False,
     }
     assert_counted_stored_and_called(sql, fake_llm, 1)
 

@@ -22,6 +22,7 @@ SUMMARY = "- Ниша: женские кроссовки.\n- Отгружает 
 MEMORY_ENV = {
     "LLM_MODELS": f"gpt-4o-mini@openai,{SUMMARY_MODEL}@openai",
     "SUMMARY_MODEL": SUMMARY_MODEL,
+    "SUMMARY_ENABLED": "true",
     "OPENAI_MAX_RETRIES": "0",
 }
 

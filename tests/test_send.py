@@ -53,6 +53,8 @@ def test_send_answers_with_response_tokens_and_remaining(api, fake_llm):
         "tokens_used": 123,
         "remaining_requests": 29,
         "daily_limit": 30,
+        "tools": [],
+        "cached": False,
     }
     for name in ("tokens_used", "remaining_requests", "daily_limit"):
         assert type(body[name]) is int, name

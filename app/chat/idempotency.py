@@ -107,12 +107,34 @@ def claim_key(
     rows = conn.run(_CLAIM, params)
     if rows:
         return Claim(rows[0][0], token)
-    rows = conn.run(_LOOKUP, params)
-    if not rows:
+    stored = stored_answer(conn, params)
+    if stored is None:
         # The holder failed and released the key between our two statements.
         raise RequestInProgress()
+    return stored
+
+
+def answer_of_key(
+    conn: Connection, telegram_id: int, request_id: str, message: str, default_limit: int,
+    today,
+) -> StoredAnswer | None:
+    """The answer a key already has, without claiming it (None: no such key).
+    For a send refused from Redis: a retry of an answered request still gets
+    its answer, whatever the quota says.
+
+    Raises: as ``claim_key`` for a key in flight or reused."""
+    return stored_answer(conn, {
+        "telegram_id": telegram_id, "request_id": request_id, "sha": message_digest(message),
+        "default_limit": default_limit, "today": today,
+    })
+
+
+def stored_answer(conn: Connection, params: dict) -> StoredAnswer | None:
+    rows = conn.run(_LOOKUP, params)
+    if not rows:
+        return None
     stored_sha, response, tokens, model, tools, limit, used = rows[0]
-    if stored_sha != sha:
+    if stored_sha != params["sha"]:
         raise IdempotencyKeyReused()
     if response is None:
         raise RequestInProgress()

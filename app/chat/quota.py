@@ -76,7 +76,7 @@ _RESERVE_PG = Statement(
                (SELECT last_reset_date FROM ai_chat_daily_limits
                 WHERE telegram_id = :telegram_id) END,
            m.summary, m.covers_until, f.id,
-           c.message, c.response
+           c.id, c.message, c.response
     FROM quota AS q
     LEFT JOIN reserved AS r ON TRUE
     LEFT JOIN ai_chat_summaries AS m
@@ -109,7 +109,7 @@ _REFUSED_SQLITE = Statement(
     "WHERE telegram_id = :telegram_id"
 )
 _RECENT = Statement(
-    "SELECT message, response FROM ai_chat_requests "
+    "SELECT id, message, response FROM ai_chat_requests "
     "WHERE telegram_id = :telegram_id ORDER BY id DESC LIMIT :context"
 )
 
@@ -207,7 +207,7 @@ class Reservation:
     day: Day
     counted_on: date | None
     preferred_model: str | None = None
-    context: list[tuple[str, str]] | None = field(default_factory=list)
+    context: list[tuple] | None = field(default_factory=list)  # (id, message, response)
     memory: Memory | None = field(default_factory=Memory)
 
     @property
@@ -242,7 +242,7 @@ def reserve(
                 _refused(limit, refused_count), day.at_least(refused_on), None, preferred
             )
         memory = Memory(*rows[0][6:9]) if fold_offset is not None else Memory()
-        exchanges = [(row[9], row[10]) for row in reversed(rows) if row[9] is not None]
+        exchanges = [row[9:12] for row in reversed(rows) if row[9] is not None]
         return Reservation(
             Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges,
             memory,
@@ -263,12 +263,13 @@ def reserve(
     )
 
 
-def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tuple[str, str]]:
-    """The user's last ``count`` exchanges, oldest first (SQLite's second statement)."""
+def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tuple]:
+    """The user's last ``count`` exchanges as (id, message, response), oldest
+    first (SQLite's second statement)."""
     if count <= 0:
         return []
     rows = conn.run(_RECENT, {"telegram_id": telegram_id, "context": count})
-    return [(message, response) for message, response in reversed(rows)]
+    return [tuple(row) for row in reversed(rows)]
 
 
 def _refused(limit: int, count: int | None) -> Usage:

@@ -54,7 +54,7 @@ _SAVE_COMPLETING_PG = Statement(
     calls AS ({_CALLS_PG})
     UPDATE ai_chat_idempotency_keys AS k SET chat_request_id = saved.id
     FROM saved WHERE k.id = :claim_id
-    RETURNING k.id
+    RETURNING saved.id
     """
 )
 _CALL_SQLITE = Statement(
@@ -94,30 +94,31 @@ def calls_params(calls: list[Call]) -> dict:
     }
 
 
-def save_answer(conn: Connection, values: dict, calls: list[Call], claim=None) -> bool:
-    """Store the exchange and its calls (and complete ``claim``); False, with
-    nothing stored, when the claim is no longer ours.
+def save_answer(conn: Connection, values: dict, calls: list[Call], claim=None) -> int | None:
+    """Store the exchange and its calls (and complete ``claim``); returns the
+    exchange's id, or None, with nothing stored, when the claim is no longer
+    ours.
 
     ``values``: the exchange's columns (``_EXCHANGE``).
     """
     if conn.dialect_name == "postgresql":
         params = {**values, **calls_params(calls)}
-        if claim is None:
-            return bool(conn.run(SAVE, params))
-        params.update(claim_id=claim.id, token=claim.token)
-        return bool(conn.run(_SAVE_COMPLETING_PG, params))
+        if claim is not None:
+            params.update(claim_id=claim.id, token=claim.token)
+        rows = conn.run(SAVE if claim is None else _SAVE_COMPLETING_PG, params)
+        return rows[0][0] if rows else None
     with transaction(conn):
         if claim is not None and not conn.run(
             _OWNED, {"claim_id": claim.id, "token": claim.token}
         ):
-            return False
+            return None
         row_id = conn.run(SAVE, values)[0][0]
         for call in calls:
             record_call(conn, values["telegram_id"], call, values["request_date"],
                         values["created_at"], row_id)
         if claim is not None:
             conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
-    return True
+    return row_id
 
 
 def record_call(conn: Connection, telegram_id: int, call: Call, usage_date, created_at,

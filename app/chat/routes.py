@@ -163,7 +163,7 @@ class Stream(MethodView):
     def post(self, body, idempotency_key=None):
         """Answer a seller's question as Server-Sent Events while the model writes it"""
         exchange = send.Exchange(stream.stream_command(send_command(body, idempotency_key)))
-        return stream.stream_response(exchange, exchange.open())
+        return stream.stream_response(exchange, exchange.open() or exchange.cached_answer())
 
 
 @blp.route("/history")

@@ -246,6 +246,12 @@ class StatsResponse(Schema):
     total_tokens = fields.Integer(required=True, metadata=ex(4800))
     avg_requests_per_day = fields.Float(required=True, metadata=ex(1.71))
     avg_tokens_per_request = fields.Float(required=True, metadata=ex(400.0))
+    total_cost = fields.Float(
+        required=True,
+        metadata=ex(0.0123, "What the user's requests cost in `currency`, summaries of the "
+                            "conversation included (models without a price count 0)"),
+    )
+    currency = fields.String(required=True, metadata=ex("USD", "PRICE_CURRENCY"))
     by_model = fields.List(
         fields.Nested(lambda: ModelStats()),
         required=True,
@@ -263,6 +269,10 @@ class ModelStats(Schema):
     )
     requests = fields.Integer(required=True, metadata=ex(12))
     tokens = fields.Integer(required=True, metadata=ex(4800))
+    cost = fields.Float(
+        required=True, allow_none=True,
+        metadata=ex(0.0108, "Its answers' cost (tool rounds included); null: no price"),
+    )
 
 
 class SettingsResponse(Schema):

@@ -26,10 +26,11 @@ from functools import cached_property
 from flask import current_app
 
 from app import metrics, sql
-from app.chat import idempotency, memory, prompts, quota, records, spend
+from app.cache import MISS
+from app.chat import answers, idempotency, memory, prompts, quota, records, spend
 from app.chat.quota import Day, Usage
 from app.chat.seller_data import SellerData
-from app.chat.service import current_day
+from app.chat.service import cached_usage, current_day
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import DATABASE_OUTAGE, ApiError, DailyLimitExceeded, RequestInProgress
 from app.llm import Completion, Tokens
@@ -130,7 +131,7 @@ def send_message(command: SendCommand) -> Answer:
         sqlalchemy errors of DATABASE_OUTAGE: the database is unreachable (→ 503).
     """
     exchange = Exchange(command)
-    return exchange.open() or exchange.complete()
+    return exchange.open() or exchange.cached_answer() or exchange.complete()
 
 
 class Exchange:
@@ -144,6 +145,9 @@ class Exchange:
         self.watch = Stopwatch()
         self.claim: idempotency.Claim | None = None
         self.reservation: quota.Reservation | None = None
+        self.cache = current_app.extensions["cache"]
+        self.view = MISS  # the user's entries in Redis, read before PostgreSQL
+        self.answer_key: str | None = None  # set when the answer may be shared
         self.chain = None
         self.seller: SellerData | None = None
         self.model_by = 0.0  # time.monotonic() by which the model must have answered
@@ -163,13 +167,29 @@ class Exchange:
         reserved then), else None: the unit is reserved and ``messages`` /
         ``chain`` are ready for the model.
 
+        With Redis, one round trip before PostgreSQL reads the user's entries:
+        a user already at the limit is refused from it (never from an entry
+        older than 60 s), and a cached context spares the reservation reading
+        one. PostgreSQL's one statement still decides every reservation.
+
         Raises: as ``send_message``, except the model's errors.
         """
         command = self.command
-        default_limit = self.config["DAILY_LIMIT"]
+        config = self.config
+        default_limit = config["DAILY_LIMIT"]
+        self.view = self.cache.read_user(command.telegram_id)
+        refused = self._refused_by_cache()
         failure = None
         with sql.connection() as conn:
-            if command.request_id:
+            if command.request_id and refused is not None:
+                # A retry of an answered request gets its answer, limit or not.
+                stored = idempotency.answer_of_key(
+                    conn, command.telegram_id, command.request_id, command.message,
+                    default_limit, self.day.today,
+                )
+                if stored is not None:
+                    return self._replay(stored)
+            elif command.request_id:
                 claimed = idempotency.claim_key(
                     conn, command.telegram_id, command.request_id, command.message,
                     self.day.now, self.claim_ttl(), default_limit, self.day.today,
@@ -181,11 +201,12 @@ class Exchange:
                 # An unknown model (422) or no model at all (503) is known
                 # before anything is reserved.
                 self.llm.route(command.model)
-                self.reservation = quota.reserve(
-                    conn, command.telegram_id, self.day, default_limit,
-                    self.config["CONTEXT_MESSAGES"],
-                    memory.fold_offset(self.config) if self.config["SUMMARY_ENABLED"] else None,
-                )
+                if refused is None:
+                    self.reservation = quota.reserve(
+                        conn, command.telegram_id, self.day, default_limit,
+                        0 if self.view.context is not None else config["CONTEXT_MESSAGES"],
+                        memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None,
+                    )
             except BaseException as error:
                 failure = error
         if failure is not None:
@@ -194,44 +215,81 @@ class Exchange:
             self._release_key()
             raise failure
         self.watch.lap("quota")
+        if refused is not None:
+            usage, self.day = refused
+            self._refuse(usage)
+        reservation = self.reservation
         # The counter's day, when this instance's clock is behind it.
-        self.day = self.reservation.day
-        if not self.reservation.granted:
+        self.day = reservation.day
+        self.cache.write_limits(command.telegram_id, self.view.gen, {
+            "day": reservation.day.today, "used": reservation.usage.used,
+            "limit": reservation.usage.limit,
+        })
+        if not reservation.granted:
             self._release_key()
-            metrics.QUOTA_REJECTIONS.inc()
-            annotate(outcome="limit_exceeded")
-            raise self._limit_exceeded(self.reservation.usage)
+            self._refuse(reservation.usage)
         metrics.QUOTA_RESERVATIONS.inc()
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
             self.seller = SellerData(
-                self.config, current_app.extensions["mainserver"], command.telegram_id,
-                self.llm.route(command.model, self.reservation.preferred_model),
+                config, current_app.extensions["mainserver"], command.telegram_id,
+                self.llm.route(command.model, reservation.preferred_model),
             )
             self.chain = self.seller.chain
-            context = self.reservation.context
-            if context is None:  # SQLite: read after the reservation
-                with sql.connection() as conn:
-                    context = quota.recent_exchanges(
-                        conn, command.telegram_id, self.config["CONTEXT_MESSAGES"]
-                    )
-                    if self.config["SUMMARY_ENABLED"]:
-                        self.reservation = replace(self.reservation, memory=memory.read_memory(
-                            conn, command.telegram_id, memory.fold_offset(self.config)
-                        ))
+            context = self._context()
+            summary = self.reservation.memory.summary if self.reservation.memory else None
+            seller_data = self._personalisation()
             self.messages = prompts.build_messages(
-                command.message, context, self._personalisation(),
-                self.config["CONTEXT_MAX_CHARS"],
-                self.reservation.memory.summary if self.reservation.memory else None,
+                command.message, [(m, r) for _, m, r in context], seller_data,
+                config["CONTEXT_MAX_CHARS"], summary,
             )
+            if config["ANSWER_CACHE"] and self.cache.configured and not (
+                context or summary or seller_data
+            ):
+                # Nothing of the seller in the prompt: a common question.
+                self.answer_key = answers.key(self.chain[0].name, self.seller.specs,
+                                              command.message)
         except BaseException as error:
             self.abandon(error)
             raise
         self.model_by = time.monotonic() + self.command.deadline.budget(
-            self.config["LLM_DEADLINE"], WRITE_RESERVE_SECONDS
+            config["LLM_DEADLINE"], WRITE_RESERVE_SECONDS
         )
         self.watch.lap("context")
         return None
+
+    def _refused_by_cache(self) -> tuple[Usage, Day] | None:
+        """The usage and day of a user Redis says is already at the limit, or
+        None: PostgreSQL decides."""
+        cached = cached_usage(self.view, self.day)
+        if cached is None or cached[0].unlimited or cached[0].used < cached[0].limit:
+            return None
+        return cached
+
+    def _context(self) -> list[tuple]:
+        """The past exchanges (id, message, response), oldest first: Redis's
+        copy, else what the reservation read (then copied to Redis), else
+        (SQLite) a statement of their own, with the memory."""
+        command, config = self.command, self.config
+        if self.view.context is not None:
+            return [tuple(exchange) for exchange in self.view.context]
+        context = self.reservation.context
+        if context is None:
+            with sql.connection() as conn:
+                context = quota.recent_exchanges(
+                    conn, command.telegram_id, config["CONTEXT_MESSAGES"]
+                )
+                if config["SUMMARY_ENABLED"]:
+                    self.reservation = replace(self.reservation, memory=memory.read_memory(
+                        conn, command.telegram_id, memory.fold_offset(config)
+                    ))
+        self.cache.write_context(command.telegram_id, self.view.gen, context)
+        return context
+
+    def _refuse(self, usage: Usage):
+        metrics.QUOTA_REJECTIONS.inc()
+        annotate(outcome="limit_exceeded")
+        raise self._limit_exceeded(usage)
 
     def claim_ttl(self) -> float:
         """A claim outlives the longest request (a stream), whatever the clocks
@@ -285,7 +343,19 @@ class Exchange:
         self.watch.lap("llm")
         return self.finish(completion.text, completion.tokens, completion.model)
 
-    def finish(self, text: str, tokens: Tokens, model: str) -> Answer:
+    def cached_answer(self) -> Answer | None:
+        """The common answer to this question, saved as this seller's answer
+        (a unit spent, no model call), or None: ask the model."""
+        if self.answer_key is None:
+            return None
+        hit = answers.get(self.cache, self.answer_key)
+        if hit is None:
+            return None
+        text, model = hit
+        annotate(cached=True)
+        return self.finish(text, Tokens(), model, cached=True)
+
+    def finish(self, text: str, tokens: Tokens, model: str, cached: bool = False) -> Answer:
         """Save the answer (and complete the key, and record its model calls);
         the unit stays spent.
 
@@ -298,7 +368,10 @@ class Exchange:
         """
         command = self.command
         text = storable(text)
-        self.calls.append(spend.priced_call(self.config["LLM_PRICES"], "answer", model, tokens))
+        if not cached:
+            self.calls.append(
+                spend.priced_call(self.config["LLM_PRICES"], "answer", model, tokens)
+            )
         self.tokens += tokens
         values = {
             "telegram_id": command.telegram_id,
@@ -321,11 +394,11 @@ class Exchange:
             )
         except DATABASE_OUTAGE:
             log.error("answer delivered without its history row (database unavailable)")
-            saved = True
+            saved = 0  # no row: no id for Redis's copy of the context
         except Exception as error:
             self.abandon(error)
             raise
-        if not saved:
+        if saved is None:
             log.warning("idempotency claim taken over while answering; answer dropped")
             self.claim = None  # not ours to release any more
             self.abandon(RequestInProgress())
@@ -334,6 +407,13 @@ class Exchange:
         self.watch.lap("save")
         timings = self.watch.total()
         try:
+            if saved:  # without its row, PostgreSQL's context lacks it too
+                self.cache.append_context(command.telegram_id, self.view.gen,
+                                          (saved, command.message, text),
+                                          self.config["CONTEXT_MESSAGES"])
+            if self.answer_key and not cached and not self.seller.used:
+                answers.put(self.cache, self.answer_key, text, model,
+                            self.config["ANSWER_CACHE_TTL"])
             for call in self.calls:
                 spend.count_call(self.llm, call)
             for phase, ms in timings.items():
@@ -346,7 +426,7 @@ class Exchange:
             log.exception("bookkeeping of a saved answer failed")
         usage = self.reservation.usage
         return Answer(text, self.tokens.total, model, usage, self.day, command.format, timings,
-                      list(self.seller.used))
+                      list(self.seller.used), cached)
 
     def abandon(self, error: BaseException) -> None:
         """Refund the unit and free the key of a request that got no answer."""
@@ -372,6 +452,9 @@ class Exchange:
         except Exception as failure:  # never hides the error being answered
             log.error("quota unit of telegram_id=%s not refunded (%s)", telegram_id,
                       type(failure).__name__)
+        # Redis's count is one too high now: a refusal must never be served
+        # from it after a refund.
+        self.cache.invalidate_user(telegram_id)
 
     # --- helpers ------------------------------------------------------------
 

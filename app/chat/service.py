@@ -6,7 +6,7 @@ Each function commits its own work; sending lives in ``app.chat.send``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import func, select
@@ -14,10 +14,13 @@ from sqlalchemy import func, select
 from app import sql
 from app.chat import idempotency, memory, quota
 from app.chat.idempotency import tool_names
-from app.chat.quota import Day
+from app.chat.quota import Day, Usage
 from app.extensions import db
-from app.models import ChatRequest
+from app.models import ChatRequest, LLMCall
 from app.render import render
+
+# The contract: Redis's limits are never trusted past this age.
+LIMITS_TRUSTED_SECONDS = 60
 
 _DELETE_HISTORY = sql.Statement("DELETE FROM ai_chat_requests WHERE telegram_id = :telegram_id")
 
@@ -60,6 +63,8 @@ def delete_history(telegram_id: int) -> dict:
         # A fold in flight finds its lease gone with the row and drops its summary.
         conn.run(memory.FORGET, {"telegram_id": telegram_id})
         deleted = conn.count(_DELETE_HISTORY, {"telegram_id": telegram_id})
+    # Redis's copy of the context must not bring the history back.
+    _cache().invalidate_user(telegram_id)
     return {"telegram_id": telegram_id, "deleted": deleted}
 
 
@@ -69,8 +74,20 @@ def user_memory(telegram_id: int) -> dict:
 
 
 def limits(telegram_id: int) -> dict:
-    """Today's usage against the user's own limit; reading it changes nothing."""
-    usage, day = quota.usage_today(telegram_id, current_day(), current_app.config["DAILY_LIMIT"])
+    """Today's usage against the user's own limit; reading it changes nothing.
+
+    From Redis when it holds an entry of today at most 60 s old (written
+    through by every reservation, dropped by every refund, reset and limit
+    change), else from PostgreSQL, then copied to Redis."""
+    cache, day = _cache(), current_day()
+    view = cache.read_user(telegram_id, context=False)
+    usage = cached_usage(view, day)
+    if usage is None:
+        usage, day = quota.usage_today(telegram_id, day, current_app.config["DAILY_LIMIT"])
+        cache.write_limits(telegram_id, view.gen,
+                           {"day": day.today, "used": usage.used, "limit": usage.limit})
+    else:
+        usage, day = usage
     return {
         "telegram_id": telegram_id,
         "requests_today": usage.used,
@@ -82,37 +99,69 @@ def limits(telegram_id: int) -> dict:
 
 def reset_limit(telegram_id: int) -> dict:
     """Zero the user's counter for today (admin)."""
-    if quota.reset_quota(telegram_id, current_day()):
+    found = quota.reset_quota(telegram_id, current_day())
+    # Redis's count (a refusal, perhaps) is wrong from now on.
+    _cache().invalidate_user(telegram_id)
+    if found:
         return {"success": True, "message": f"Лимит пользователя {telegram_id} успешно сброшен"}
     return {"success": False, "message": f"Пользователь {telegram_id} не найден"}
 
 
+def cached_usage(view, day: Day) -> tuple[Usage, Day] | None:
+    """The usage in Redis's limits entry when it can be trusted: of today (or
+    a later counter day), at most 60 s old; else None."""
+    entry, age = view.limits, view.limits_age
+    if entry is None or age is None or age >= LIMITS_TRUSTED_SECONDS:
+        return None
+    try:
+        counter_day = date.fromisoformat(entry["day"])
+        usage = Usage(int(entry["limit"]), int(entry["used"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if counter_day < day.today:
+        return None
+    return usage, day.at_least(counter_day)
+
+
+def _cache():
+    return current_app.extensions["cache"]
+
+
 def stats(telegram_id: int, days: int) -> dict:
-    """Answers and tokens over the last ``days`` days, today included, in all
-    and per model (``null`` for rows written before models were recorded)."""
+    """Answers, tokens and cost over the last ``days`` days, today included,
+    in all and per model (``null`` for rows written before models were
+    recorded), and the tools the answers used. ``total_cost`` is everything
+    the user's requests cost, the summaries of their conversation included
+    (models without a price count nothing)."""
     since = current_day().today - timedelta(days=days - 1)
+    in_window = (ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since)
     rows = db.session.execute(
         select(
             ChatRequest.model,
             func.count(),
             func.coalesce(func.sum(ChatRequest.tokens_used), 0),
+            func.sum(ChatRequest.cost),
         )
-        .where(ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since)
+        .where(*in_window)
         .group_by(ChatRequest.model)
         .order_by(func.count().desc())
     ).all()
+    summaries = db.session.execute(
+        select(func.sum(LLMCall.cost)).where(
+            LLMCall.telegram_id == telegram_id, LLMCall.usage_date >= since,
+            LLMCall.purpose == "summary",
+        )
+    ).scalar()
     by_tool: dict[str, int] = {}
     for (tools,) in db.session.execute(
-        select(ChatRequest.tools).where(
-            ChatRequest.telegram_id == telegram_id, ChatRequest.request_date >= since,
-            ChatRequest.tools > "",
-        )
+        select(ChatRequest.tools).where(*in_window, ChatRequest.tools > "")
     ):
         for name in tool_names(tools):
             by_tool[name] = by_tool.get(name, 0) + 1
     db.session.commit()
-    requests = sum(count for _, count, _ in rows)
-    tokens = sum(int(used) for _, _, used in rows)
+    requests = sum(count for _, count, _, _ in rows)
+    tokens = sum(int(used) for _, _, used, _ in rows)
+    cost = sum(float(spent or 0) for *_, spent in rows) + float(summaries or 0)
     return {
         "telegram_id": telegram_id,
         "days": days,
@@ -120,9 +169,12 @@ def stats(telegram_id: int, days: int) -> dict:
         "total_tokens": tokens,
         "avg_requests_per_day": round(requests / days, 2),
         "avg_tokens_per_request": round(tokens / requests, 2) if requests else 0,
+        "total_cost": round(cost, 8),
+        "currency": current_app.config["PRICE_CURRENCY"],
         "by_model": [
-            {"model": model, "requests": count, "tokens": int(used)}
-            for model, count, used in rows
+            {"model": model, "requests": count, "tokens": int(used),
+             "cost": None if spent is None else round(float(spent), 8)}
+            for model, count, used, spent in rows
         ],
         "by_tool": by_tool,
     }
@@ -164,4 +216,6 @@ def update_user_settings(telegram_id: int, changes: dict) -> dict:
             f"ON CONFLICT (telegram_id) DO UPDATE SET {updates}"
         )
         sql.run(upsert, {**changes, "telegram_id": telegram_id, "updated_at": datetime.now(UTC)})
+        # A limit changed: Redis's limits entry (a refusal, perhaps) is wrong now.
+        _cache().invalidate_user(telegram_id)
     return user_settings(telegram_id)

@@ -83,8 +83,9 @@ def stream_command(command: SendCommand) -> SendCommand:
 
 
 def stream_response(exchange: Exchange, replay: Answer | None) -> Response:
-    """The 200 event stream of an opened exchange (or of a replayed answer),
-    with the RateLimit headers of the unit it holds (the answer's, on replay)."""
+    """The 200 event stream of an opened exchange (or of an answer it already
+    has: a replayed key's, a cached common answer), with the RateLimit headers
+    of the unit it holds (the answer's, on replay)."""
     if replay is not None:
         events, usage = replayed(replay), replay.usage
     else:
@@ -106,7 +107,8 @@ def stream_response(exchange: Exchange, replay: Answer | None) -> Response:
 
 
 def replayed(answer: Answer) -> Iterator[bytes]:
-    """A stored answer: one delta, one snapshot, done; no model call."""
+    """An answer already there (stored, or cached): one delta, one snapshot,
+    done; no model call."""
     yield event("delta", {"text": answer.text})
     yield event("snapshot", {"text": answer.rendered.text, "parts": answer.rendered.parts})
     yield event("done", answer.to_dict())

@@ -1,6 +1,7 @@
 """``/health`` answers without I/O (liveness); ``/health/ready`` checks the
 database, so a load balancer stops sending traffic to an instance that
-cannot reach it."""
+cannot reach it, and reports Redis (``ok`` or ``degraded``) without failing
+for it: the service works without Redis, only slower."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class ReadinessResponse(ma.Schema):
     status = ma.fields.String(required=True, metadata={"example": "ok"})
     checks = ma.fields.Dict(
         keys=ma.fields.String(), values=ma.fields.String(), required=True,
-        metadata={"example": {"database": "ok", "llm": "configured"}},
+        metadata={"example": {"database": "ok", "llm": "configured", "redis": "ok"}},
     )
 
 
@@ -51,6 +52,10 @@ class Readiness(MethodView):
             "database": _database_check(),
             "llm": "configured" if current_app.extensions["llm"].configured else "not_configured",
         }
+        cache = current_app.extensions["cache"]
+        if cache.configured:
+            # Degraded is not unready: without Redis, PostgreSQL answers everything.
+            checks["redis"] = cache.ping()
         if checks["database"] == "ok":
             return {"status": "ok", "checks": checks}
         return {"status": "unavailable", "checks": checks}, 503

@@ -12,7 +12,7 @@
 The send flow needs only what is exported here.
 """
 
-from app.mainserver.cache import MemoryCache, ResultCache
+from app.mainserver.cache import MemoryCache, RedisResults, ResultCache
 from app.mainserver.client import (
     BreakerOpen,
     MainServer,
@@ -45,6 +45,7 @@ __all__ = [
     "Misconfigured",
     "NoCabinet",
     "NotConfigured",
+    "RedisResults",
     "ResultCache",
     "Tool",
     "ToolCall",

@@ -1,9 +1,9 @@
 """Where tool results are kept for a while (``TOOL_CACHE_SECONDS``).
 
 The tools only need ``get`` and ``set`` with a time to live, so the cache is
-that tiny interface: the in-process ``MemoryCache`` is the default, and a
-Redis-backed one can take its place (``MainServer.cache``) without the tools
-knowing. Keys carry the seller's telegram_id (app.mainserver.run.cache_key):
+that tiny interface: the in-process ``MemoryCache`` without Redis, and
+``RedisResults`` with it (``MainServer.cache``), without the tools knowing.
+Keys carry the seller's telegram_id (app.mainserver.run.cache_key):
 two sellers never share an entry.
 """
 
@@ -21,6 +21,21 @@ class ResultCache(Protocol):
 
     def set(self, key: str, value: str, ttl: float) -> None:
         """Store ``value`` for ``ttl`` seconds (best effort)."""
+
+
+class RedisResults:
+    """Tool results in Redis (app.cache), shared by every instance; a Redis
+    fault is a miss (and a result not kept), never an error."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def get(self, key: str) -> str | None:
+        return self.cache.get("tool", key)
+
+    def set(self, key: str, value: str, ttl: float) -> None:
+        if ttl > 0:
+            self.cache.set("tool", key, value, ttl)
 
 
 class MemoryCache:

@@ -37,8 +37,9 @@ from urllib.parse import urlencode
 
 from app import metrics
 from app.bounded_get import bounded_get
-from app.llm.breaker import Breaker
-from app.mainserver.cache import MemoryCache, ResultCache
+from app.cache import Cache
+from app.llm.breaker import Breaker, make_breaker
+from app.mainserver.cache import MemoryCache, RedisResults, ResultCache
 
 log = logging.getLogger("app.mainserver")
 
@@ -127,14 +128,19 @@ class MainServer:
         self._misconfigured_logged_at: float | None = None
 
     @classmethod
-    def from_config(cls, config) -> MainServer:
+    def from_config(cls, config, cache: Cache | None = None) -> MainServer:
+        """With Redis (``cache`` configured), the breaker and the tool results
+        are shared by every instance; without it, they are this process's."""
+        shared = cache is not None and cache.configured
         return cls(
             config["MAIN_SERVER_URL"],
             config["MAIN_SERVER_API_KEY"],
-            breaker=Breaker(
-                config["MAIN_SERVER_BREAKER_FAILURES"], config["MAIN_SERVER_BREAKER_OPEN_SECONDS"]
+            breaker=make_breaker(
+                "mainserver", config["MAIN_SERVER_BREAKER_FAILURES"],
+                config["MAIN_SERVER_BREAKER_OPEN_SECONDS"], cache,
             ),
             settings=ToolSettings.from_config(config),
+            cache=RedisResults(cache) if shared else None,
         )
 
     @property
