@@ -12,7 +12,9 @@ model failing in every way (500s, timeouts, dropped connections, cut
 streams), clients that leave mid-stream and clients that stop reading.
 
 Then it waits until the service is quiet (every client has its answer, the
-abandoned streams have ended), sends one normal request, and checks the
+abandoned streams have ended), reads what the database holds, restarts
+PostgreSQL once more while nothing runs (every pooled connection dies with no
+traffic to flush them out), sends one normal request, and checks the
 invariants of tests/fault_checks.py. The ``Report`` holds the faults
 injected by kind, what they were seen to do (PostgreSQL's log, the fake's
 outcomes, the service's log), the requests by outcome, the answers'
@@ -268,8 +270,10 @@ class FaultRun:
         if not self.target.cluster.running():
             self.target.cluster.start()
         violations += self._quiesce()
+        stored = checks.read_database(self.target.admin_dsn)
+        self._restart_while_quiet()
         probe = self._normal_send()
-        violations += self._check(probe, day)
+        violations += self._check(stored, probe, day)
         return self._report(seconds, violations)
 
     def _prepare_fake(self) -> None:
@@ -359,6 +363,16 @@ class FaultRun:
                 )
                 return cursor.fetchone()[0]
 
+    def _restart_while_quiet(self) -> None:
+        """PostgreSQL restarted once more with no request running (a restart at
+        night): every pooled connection of the service is dead, and no traffic
+        comes to flush them out before the normal send."""
+        began = time.monotonic()
+        self.target.cluster.stop()
+        self.target.cluster.start()
+        self.note_outage(time.monotonic() - began)
+        self.count_effect("restarts while the service was quiet")
+
     def _normal_send(self) -> Record:
         """One ordinary send of a new user, the model healthy again."""
         user = self.recorder.new_user()
@@ -369,9 +383,12 @@ class FaultRun:
             return self.recorder.add(send_once(session, self.target.url, record,
                                                self.client_timeout))
 
-    def _check(self, probe: Record, day: date) -> list[str]:
-        records = self.recorder.records()
-        stored = checks.read_database(self.target.admin_dsn)
+    def _check(self, stored: checks.Stored, probe: Record, day: date) -> list[str]:
+        """The invariants; ``stored`` was read once the service was quiet,
+        before the last restart (which would end a session left in a
+        transaction)."""
+        # The normal send came after ``stored`` was read: it has its own check.
+        records = [record for record in self.recorder.records() if record.role != "probe"]
         log = self.target.log()
         violations = []
         if self.settings.today() != day:
