@@ -344,15 +344,18 @@ class FaultRun:
                 f"the run: {self._streams_in_flight()} streams in flight, "
                 f"{self._busy_backends()} statements running"]
 
-    def _streams_in_flight(self) -> float | None:
+    def _metric(self, name: str) -> float | None:
+        """A metric of the service summed over its labels (None: unreadable)."""
         try:
             text = requests.get(f"{self.target.url}/metrics", timeout=10).text
         except requests.RequestException:
             return None
-        for line in text.splitlines():
-            if line.startswith("ai_chat_streams_in_flight "):
-                return float(line.split()[1])
-        return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith((f"{name} ", f"{name}{{"))]
+        return sum(values) if values else None
+
+    def _streams_in_flight(self) -> float | None:
+        return self._metric("ai_chat_streams_in_flight")
 
     def _busy_backends(self) -> int:
         with closing(admin_connection(self.target.admin_dsn)) as connection:
@@ -440,6 +443,8 @@ class FaultRun:
         for outcome in MODEL_EFFECTS:
             effects[f"model {outcome}"] = outcomes[outcome]
         effects["upstream streams abandoned"] = self.target.fake.streams_abandoned
+        # Chaos can fail a provider's calls five in a row: then it is skipped for a while.
+        effects["model breaker opened"] = int(self._metric("ai_chat_llm_breaker_opened_total") or 0)
         lines = checks.log_records(log)
         streams = [line for line in lines if line.get("path") == "/v1/chat/stream"]
         leavers = [line for line in streams if line["request_id"].startswith("leaver-")]
