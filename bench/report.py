@@ -334,11 +334,13 @@ def fault_lines(result) -> list[str]:
         return [result]
     lines = [
         f"`bench/faults.py` (the driver of `tests/test_fault_injection.py`, "
-        f"`tests/fault_run.py`): {result.clients} clients asking for {result.seconds:.0f} s "
-        "(sends and streams, half with a `request_id` retried after a failure, a few busy "
-        "users who reach the daily limit) against the service at its defaults on a "
+        f"`tests/fault_run.py`): {result.clients} clients asking for "
+        f"{result.planned_seconds:.0f} s ({result.seconds:.0f} s until every client had its "
+        "answer; sends and streams, half with a `request_id` retried after a failure, a few "
+        "busy users who reach the daily limit) against the service at its defaults on a "
         "throwaway PostgreSQL cluster, while the faults below fire at seeded moments. "
-        "After it: quiet, one normal send, and the invariants.",
+        "After it: quiet, one more PostgreSQL restart with nothing running, one normal send, "
+        "and the invariants.",
         "",
         "| fault | planned | injected |",
         "|---|--:|--:|",
@@ -351,6 +353,11 @@ def fault_lines(result) -> list[str]:
         "| effect | count |",
         "|---|--:|",
         *[f"| {name} | {count} |" for name, count in result.effects.items()],
+        "",
+        "Sessions terminated: by pg_terminate_backend and by each restart (every session). "
+        "Backends hit while active / idle: the state of the session a cancel or terminate "
+        "picked. Stuck streams: those of clients that stopped reading which began (200) and "
+        "which the service ended before the client closed its socket.",
         "",
         f"{result.questions} questions, {result.answered} answered. Answers p50 / p99: "
         + ", ".join(f"{kind} {_fmt(p50, 0)} / {_fmt(p99, 0)} ms"

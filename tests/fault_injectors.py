@@ -87,6 +87,7 @@ def hold_counter_rows(run: FaultRun, rng: random.Random) -> bool:
     give up after the lock timeout (a reservation answers 503; a refund is
     retried)."""
     users = run.busy_users(rng, 3)
+    locked = False
     try:
         with closing(admin_connection(run.target.admin_dsn)) as connection:
             connection.autocommit = False
@@ -95,14 +96,13 @@ def hold_counter_rows(run: FaultRun, rng: random.Random) -> bool:
                     "SELECT telegram_id FROM ai_chat_daily_limits WHERE telegram_id = ANY(%s) "
                     "FOR UPDATE", (users,)
                 )
-                if not cursor.fetchall():
-                    connection.rollback()
-                    return False
-                time.sleep(run.settings.lock_timeout * 2 + 0.5)
+                locked = bool(cursor.fetchall())
+                if locked:
+                    time.sleep(run.settings.lock_timeout * 2 + 0.5)
             connection.rollback()
     except psycopg2.Error:
-        return False  # PostgreSQL was restarting: nothing was held
-    return True
+        pass  # a restart: before the lock nothing was held, after it the restart ended it
+    return locked
 
 
 def _service_backend(run: FaultRun, rng: random.Random, connection) -> int | None:

@@ -158,7 +158,8 @@ class Shape:
 
 @dataclass
 class Report:
-    seconds: float  # the load's wall time, faults included
+    planned_seconds: float  # the clients ask questions for this long
+    seconds: float  # until every client and fault had ended
     clients: int
     planned: dict[str, int]
     faults: dict[str, int]  # injections that happened, by kind
@@ -172,7 +173,8 @@ class Report:
 
     def text(self) -> str:
         lines = [
-            f"fault run: {self.seconds:.0f} s, {self.clients} clients, {self.questions} "
+            f"fault run: {self.planned_seconds:.0f} s ({self.seconds:.0f} s until every "
+            f"client had its answer), {self.clients} clients, {self.questions} "
             f"questions, {self.answered} answered",
             "faults injected (planned): " + ", ".join(
                 f"{name} {self.faults.get(name, 0)} ({planned})"
@@ -420,6 +422,7 @@ class FaultRun:
         log = self.target.log()
         rowless = checks.rowless_request_ids(log)
         return Report(
+            planned_seconds=self.shape.seconds,
             seconds=seconds,
             clients=self.shape.clients,
             planned={injector.name: injector.planned for injector in self.injectors},
