@@ -10,9 +10,14 @@ clients leave). An injection returns whether it really happened (a backend
 to cancel existed, PostgreSQL came back…); ``injected`` counts those.
 
 To add a fault kind (Redis, say): write ``def kill_redis(run, rng) -> bool``
-and append ``Injector("redis_kill", counts.get("redis_kill", 0), kill_redis)``
-in ``injectors``; ``FaultRun`` needs nothing else. What a fault did that can
-be observed (log lines, counters) goes into ``fault_run.effects``.
+and add ``Injector("redis_kill", 0, kill_redis)`` to the list in
+``injectors``; a shape's ``faults={"redis_kill": 2, ...}`` then fires it and
+the report counts it, with nothing else to change. What the fault can be
+seen to do goes into the report's effects: counted by the injector
+(``run.count_effect(name)``) or read after the run in
+``FaultRun._effects_seen`` (a log, a metric). The target's handles (the
+cluster, the fake model, the admin DSN) are on ``run.target``; a Redis
+handle would join them there.
 """
 
 from __future__ import annotations
@@ -225,7 +230,7 @@ def client_stops_reading(run: FaultRun, rng: random.Random) -> bool:
     """A client sends a stream request and reads nothing, for longer than the
     service's writes can wait (STREAM_WRITE_TIMEOUT), then closes."""
     record = _fault_client_record(run, "stuck", run.next_number())
-    stop_reading(run.target.url, record, run.stuck_hold, threading.Event())
+    stop_reading(run.target.url, record, run.stuck_hold)
     return record.failure is None
 
 

@@ -117,6 +117,8 @@ class Settings:
         from app.config import load_config
 
         config = load_config(env)
+        # DB_LOCK_TIMEOUT reaches the config only inside the statements' prefix
+        # ("SET LOCAL lock_timeout = 3000; ...", milliseconds).
         lock_ms = config["SQL_TIMEOUTS"].split("lock_timeout = ")[1].split(";")[0]
         return cls(
             daily_limit=config["DAILY_LIMIT"],
