@@ -16,12 +16,15 @@ aborted") would fail every statement of every later request until it is
 recycled. Transaction control therefore goes straight to the DBAPI
 connection (never behind the timeouts prefix, which PostgreSQL refuses in a
 failed transaction), and every connection is checked on its way back: rolled
-back when it is still in a transaction, discarded when even that fails.
+back when it is still in a transaction, discarded when even that fails. On
+its way out, a connection the server closed while it was pooled (a restart,
+a terminated backend) is replaced, so a request never gets a dead one.
 """
 
 from __future__ import annotations
 
 import re
+import select
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -207,15 +210,47 @@ def rollback_if_in_transaction(dbapi_connection) -> None:
         raise RuntimeError("the connection is still in a transaction after ROLLBACK")
 
 
+def closed_by_server(dbapi_connection) -> bool:
+    """Whether the server has already closed this idle connection.
+
+    A PostgreSQL that restarted, or ``pg_terminate_backend``, sends its last
+    message to every session and closes the socket, which then polls
+    readable; an idle connection in autocommit mode (no LISTEN) has nothing
+    else to read. One ``poll(0)``, no round trip: the check urllib3 makes on
+    its pooled sockets. SQLite connections have no socket.
+    """
+    if getattr(dbapi_connection, "closed", 0):  # psycopg2: non-zero once closed
+        return True
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if fileno is None:
+        return False
+    poller = select.poll()
+    poller.register(fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def keep_pool_clean(engine) -> None:
     """Check every connection on its way back to the pool, whoever used it
     (the ORM's paths too): in autocommit mode the pool's own reset is a
     no-op. A connection that cannot be rolled back makes the pool discard it
-    (the reset hook raising is how the pool learns that)."""
+    (the reset hook raising is how the pool learns that).
+
+    And on its way out: a connection the server closed while it sat in the
+    pool is replaced by a new one (raising DisconnectionError in a checkout
+    hook makes the pool reconnect that slot and check again). Without this,
+    after a PostgreSQL restart in a quiet moment every pooled connection
+    (20 per worker) cost one request a 503 before the pool was clean again;
+    the statement itself is never retried (it may have run).
+    """
 
     @event.listens_for(engine, "reset")
     def _roll_back_on_return(dbapi_connection, _record, _state):
         rollback_if_in_transaction(dbapi_connection)
+
+    @event.listens_for(engine, "checkout")
+    def _replace_if_closed_by_server(dbapi_connection, _record, _proxy):
+        if closed_by_server(dbapi_connection):
+            raise sa_exc.DisconnectionError("the server closed this pooled connection")
 
 
 def bound_every_statement(engine, timeouts: str) -> None:

@@ -325,6 +325,56 @@ def _leak(measured) -> list[str]:
     return lines
 
 
+def fault_lines(result) -> list[str]:
+    """The fault-injection run (bench/faults.py): faults, what they did,
+    requests, answers and the invariants' violations."""
+    if result is None:
+        return ["Not run."]
+    if isinstance(result, str):
+        return [result]
+    lines = [
+        f"`bench/faults.py` (the driver of `tests/test_fault_injection.py`, "
+        f"`tests/fault_run.py`): {result.clients} clients asking for "
+        f"{result.planned_seconds:.0f} s ({result.seconds:.0f} s until every client had its "
+        "answer; sends and streams, half with a `request_id` retried after a failure, a few "
+        "busy users who reach the daily limit) against the service at its defaults on a "
+        "throwaway PostgreSQL cluster, while the faults below fire at seeded moments. "
+        "After it: quiet, one more PostgreSQL restart with nothing running, one normal send, "
+        "and the invariants.",
+        "",
+        "| fault | planned | injected |",
+        "|---|--:|--:|",
+        *[f"| {name} | {planned} | {result.faults.get(name, 0)} |"
+          for name, planned in result.planned.items()],
+        "",
+        "What the faults were seen to do (PostgreSQL's log, the fake model's outcomes, the "
+        "service's request log):",
+        "",
+        "| effect | count |",
+        "|---|--:|",
+        *[f"| {name} | {count} |" for name, count in result.effects.items()],
+        "",
+        "Sessions terminated: by pg_terminate_backend and by each restart (every session). "
+        "Backends hit while active / idle: the state of the session a cancel or terminate "
+        "picked. Stuck streams: those of clients that stopped reading which began (200) and "
+        "which the service ended before the client closed its socket.",
+        "",
+        f"{result.questions} questions, {result.answered} answered. Answers p50 / p99: "
+        + ", ".join(f"{kind} {_fmt(p50, 0)} / {_fmt(p99, 0)} ms"
+                    for kind, (p50, p99) in result.latency_ms.items()) + ".",
+        "",
+        "| requests (kind, status, code) | count |",
+        "|---|--:|",
+        *[f"| {name} | {count} |" for name, count in sorted(result.requests.items())],
+        "",
+        *[f"Note: {note}." for note in result.notes],
+        f"**Invariant violations: {len(result.violations)}** (goal 0)"
+        + (":" if result.violations else "."),
+        *[f"- {violation}" for violation in result.violations],
+    ]
+    return lines
+
+
 def _profile(profile) -> list[str]:
     if profile is None:
         return ["Not run (--no-profile or a partial run)."]
@@ -364,7 +414,7 @@ def kept_analysis(previous: str) -> str | None:
 
 def render(measured, profile, settings_, elapsed: float, quick: bool, failures=None,
            costs=None, ceiling=None, indexes=None, repeat: int = 1,
-           analysis: str | None = None) -> str:
+           analysis: str | None = None, faults=None) -> str:
     gunicorn = settings_["gunicorn"]
     engine = settings_["engine"]
     overrides = settings_["overrides"]
@@ -428,6 +478,10 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
         "## Leak run",
         "",
         *_leak(measured),
+        "",
+        "## Fault injection",
+        "",
+        *fault_lines(faults),
         "",
         "## Ceiling of one PostgreSQL for the hot path (pgbench)",
         "",

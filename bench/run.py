@@ -12,11 +12,13 @@ as it finishes.
 Order: the HTTP scenarios, each app's server in turn (never two at once: they
 would share PostgreSQL's 100 connections and the two cores); --repeat more
 rounds of the service/forward-only pairs whose ratios are targets (the report
-takes the median); the profile; the single-thread costs (whatif); then, on
-the same scratch database loaded with a million exchanges, the pgbench
-ceiling (bench/ceiling.py) and the index measurements (bench/indexes.py).
-Names for --scenario: every scenario of bench/scenarios.py, ``profile``,
-``whatif``, ``pgbench`` and ``indexes``. The last two also run alone, each on
+takes the median); the profile; the single-thread costs (whatif); the
+fault-injection run (bench/faults.py, on a PostgreSQL cluster of its own; 90 s
+of load, --duration sets it); then, on the same scratch database loaded with a
+million exchanges, the pgbench ceiling (bench/ceiling.py) and the index
+measurements (bench/indexes.py). Names for --scenario: every scenario of
+bench/scenarios.py, ``profile``, ``whatif``, ``faults``, ``pgbench`` and
+``indexes``. The last two also run alone, each on
 a scratch database of its own: ``python -m bench.ceiling``, ``python -m
 bench.indexes``.
 """
@@ -32,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ceiling, indexes, pyspy, report, scenarios, system, whatif
+from bench import ceiling, faults, indexes, pyspy, report, scenarios, system, whatif
 from bench.loadgen import raise_open_files, run_load
 from bench.servers import BenchDatabase, FakeLLMProcess, GunicornProcess, max_connections
 
@@ -46,7 +48,8 @@ LEAK_LIMIT_S = 90.0
 # Ratios of a full run are medians of this many rounds (--repeat).
 FULL_REPEAT = 3
 DATABASE_STEPS = ("pgbench", "indexes")
-NAMES = [s.name for s in scenarios.PLAN] + [scenarios.PROFILE.name, "whatif", *DATABASE_STEPS]
+NAMES = [s.name for s in scenarios.PLAN] + [scenarios.PROFILE.name, "whatif", "faults",
+                                            *DATABASE_STEPS]
 
 
 def _setting(text: str) -> tuple[str, str]:
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
     runner = Runner(database, args.quick, args.duration)
     print(f"bench: database {database.name}; {settings['summary']}; open files "
           f"{files_before} -> {files_now}", flush=True)
-    costs = ceiling_result = index_result = None
+    costs = ceiling_result = index_result = fault_result = None
     try:
         if sweeps:
             return _sweep(runner, args, sweeps, began)
@@ -272,6 +275,8 @@ def main(argv=None) -> int:
                                200 if args.quick else 1000)
             runner.say("bench: single-thread costs done")
         runner.close()
+        if _wanted(args, "faults"):
+            fault_result = _faults(args, settings, runner.say)
         ceiling_result, index_result = _database_side(args, database, runner.say)
     finally:
         runner.close()
@@ -283,11 +288,21 @@ def main(argv=None) -> int:
     text = report.render(measured, runner.profile, settings, elapsed, quick=args.quick,
                          failures=runner.failures, costs=costs, ceiling=ceiling_result,
                          indexes=index_result, repeat=repeat,
-                         analysis=report.kept_analysis(previous))
+                         analysis=report.kept_analysis(previous), faults=fault_result)
     output.write_text(text)
     print(f"bench: {len(measured)} scenarios in {elapsed:.0f}s; wrote {output}", flush=True)
     print(report.targets_block(measured), flush=True)
-    return 1 if runner.failures else 0
+    violations = getattr(fault_result, "violations", None)
+    return 1 if runner.failures or violations else 0
+
+
+def _faults(args, settings: dict, say):
+    """The fault-injection run; its report (or why it did not run)."""
+    seconds = args.duration or (faults.QUICK_SECONDS if args.quick else faults.SECONDS)
+    say(f"bench: fault injection, {seconds:.0f} s of load")
+    result = faults.run(settings, OUT_DIR, seconds)
+    say(result if isinstance(result, str) else f"bench: {result.text()}")
+    return result
 
 
 def _sweep(runner: Runner, args, sweeps: list[tuple[str, dict]], began: float) -> int:

@@ -158,6 +158,31 @@ def test_a_connection_that_cannot_roll_back_is_discarded_not_pooled(make_app, sq
         assert app_sql.run(app_sql.Statement("SELECT pg_backend_pid()"))[0][0] != backend
 
 
+def test_pooled_connections_the_server_closed_while_idle_are_replaced_not_answered_503(
+    make_app, sql
+):
+    """A PostgreSQL restart, or pg_terminate_backend, ends every idle session:
+    the next requests get live connections, not a 503 per dead one (the fault
+    run's normal send after a quiet restart answered 503)."""
+    app = make_app(DB_POOL_SIZE="3")
+    api = Api(app.test_client())
+    assert api.send(1).status_code == 200
+    backends = [pid for (pid,) in sql(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'ai_chat'"
+    )]
+    assert backends
+    for pid in backends:
+        sql("SELECT pg_terminate_backend(%s)", (pid,))
+    deadline = time.monotonic() + 5
+    while sql("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (backends,))[0][0]:
+        assert time.monotonic() < deadline, "the backends did not end"
+        time.sleep(0.01)
+    for _ in range(4):  # more than the pool holds
+        assert api.send(1).status_code == 200
+    assert api.limits(1).status_code == 200
+
+
 # --- every writer that runs inside a transaction, over HTTP -----------------------
 
 

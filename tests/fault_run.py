@@ -1,0 +1,471 @@
+"""The fault-injection run (reliability issue, item 9), shared by
+tests/test_fault_injection.py and ``make bench`` (bench/faults.py).
+
+Given the service running under gunicorn on a throwaway PostgreSQL cluster
+(tests/pg_cluster.py) with the fake LLM as its model, ``FaultRun(target,
+shape).run()`` drives about a hundred concurrent clients for
+``shape.seconds`` (tests/fault_clients.py) while the injectors of
+tests/fault_injectors.py fire at moments drawn from the seed: row locks on
+counter rows held past the lock timeout, pg_cancel_backend and
+pg_terminate_backend on the service's backends, a PostgreSQL restart, the
+model failing in every way (500s, timeouts, dropped connections, cut
+streams), clients that leave mid-stream and clients that stop reading.
+
+Then it waits until the service is quiet (every client has its answer, the
+abandoned streams have ended), reads what the database holds, restarts
+PostgreSQL once more while nothing runs (every pooled connection dies with no
+traffic to flush them out), sends one normal request, and checks the
+invariants of tests/fault_checks.py. The ``Report`` holds the faults
+injected by kind, what they were seen to do (PostgreSQL's log, the fake's
+outcomes, the service's log), the requests by outcome, the answers'
+latencies and the violations (goal: none).
+
+The service must run with ``fault_env(fake_url)`` in its environment (the
+slow model the fault clients ask, and LOG_LEVEL=INFO: the request lines say
+how each stream ended).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from contextlib import closing
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
+
+import requests
+
+from tests import fault_checks as checks
+from tests.fake_llm import FakeLLM, stream_ok
+from tests.fault_clients import (
+    SLOW_MODEL,
+    Habits,
+    Record,
+    Recorder,
+    ordinary_client,
+    send_once,
+)
+from tests.fault_injectors import Chaos, Injector, admin_connection, injectors
+from tests.pg_cluster import PgCluster
+
+# Ordinary users, the busy ones first; each fault client gets a fresh one above.
+FIRST_USER = 1_000_001
+FIRST_FAULT_USER = 9_000_001
+# The slow model's stream: a piece of PIECE_CHARS every SLOW_CHUNK_DELAY, so a
+# client that reads nothing fills the socket buffers (about 4 MiB here) within
+# FILL_SECONDS, after which the service's next write waits STREAM_WRITE_TIMEOUT.
+SLOW_CHUNK_DELAY = 0.05
+PIECE_CHARS = 1600
+FILL_SECONDS = 8.0
+# A normal send after the run must be answered within this.
+NORMAL_SEND_SECONDS = 1.0
+# What PostgreSQL logs when a fault reached a statement or a session.
+POSTGRES_EFFECTS = {
+    "statements cancelled by the lock timeout": "canceling statement due to lock timeout",
+    "statements cancelled by pg_cancel_backend": "canceling statement due to user request",
+    "sessions terminated": "terminating connection due to administrator command",
+    "PostgreSQL starts": "database system is ready to accept connections",
+}
+# What the fake LLM served while chaos was on (its outcome labels).
+MODEL_EFFECTS = ("status:500", "status:503", "status:429", "status:400", "drop", "delay",
+                 "stream_break")
+
+
+def fault_env(fake_url: str, default_model: str = "gpt-4o-mini") -> dict[str, str]:
+    """What the service needs for the run: SLOW_MODEL on a provider of its own
+    (the same fake), and the request log lines."""
+    return {
+        "OPENAI_MODEL": default_model,
+        "LLM_PROVIDERS": f"slow={fake_url}",
+        "LLM_MODELS": f"{default_model}@openai,{SLOW_MODEL}@slow",
+        "LOG_LEVEL": "INFO",
+    }
+
+
+@dataclass(frozen=True)
+class Target:
+    """The service under the run and what the faults act on."""
+
+    url: str
+    admin_dsn: str  # the service's database, as the superuser
+    cluster: PgCluster
+    fake: FakeLLM
+    env: Mapping[str, str]  # the service's environment (its settings come from it)
+    log: Callable[[], str]  # the service's log so far
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's effective settings that the run's timing depends on."""
+
+    daily_limit: int
+    lock_timeout: float
+    write_timeout: float
+    request_deadline: float
+    openai_timeout: float
+    timezone: ZoneInfo
+
+    @classmethod
+    def of(cls, env: Mapping[str, str]) -> Settings:
+        """Read by the app's own configuration code: its defaults, not copies."""
+        from app.config import load_config
+
+        config = load_config(env)
+        # DB_LOCK_TIMEOUT reaches the config only inside the statements' prefix
+        # ("SET LOCAL lock_timeout = 3000; ...", milliseconds).
+        lock_ms = config["SQL_TIMEOUTS"].split("lock_timeout = ")[1].split(";")[0]
+        return cls(
+            daily_limit=config["DAILY_LIMIT"],
+            lock_timeout=float(lock_ms) / 1000,
+            write_timeout=config["STREAM_WRITE_TIMEOUT"],
+            request_deadline=config["REQUEST_DEADLINE"],
+            openai_timeout=config["OPENAI_TIMEOUT"],
+            timezone=config["TIMEZONE"],
+        )
+
+    def today(self) -> date:
+        return datetime.now(self.timezone).date()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How big the run is and how its clients and faults behave."""
+
+    seconds: float
+    faults: Mapping[str, int]  # planned injections per fault kind
+    clients: int = 90  # ordinary ones; the fault clients come on top
+    seed: int = 20260309
+    users: int = 1000
+    # A few users ask a share of all questions (they reach the daily limit and
+    # their counter rows are busy); the others ask now and then.
+    hot_users: int = 5
+    hot_share: float = 0.1
+    stream_share: float = 0.4
+    keyed_share: float = 0.5
+    think: tuple[float, float] = (0.2, 1.0)
+    # The default model: its first token (or whole answer) after model_latency,
+    # then a piece per word chunk_delay apart.
+    model_latency: float = 0.1
+    chunk_delay: float = 0.05
+    chaos_rate: float = 0.5  # share of the model's calls that fail during a burst
+    chaos_burst: float = 3.0  # seconds
+    outage: float = 1.0  # seconds PostgreSQL stays down in a restart
+
+
+@dataclass
+class Report:
+    planned_seconds: float  # the clients ask questions for this long
+    seconds: float  # until every client and fault had ended
+    clients: int
+    planned: dict[str, int]
+    faults: dict[str, int]  # injections that happened, by kind
+    effects: dict[str, int]  # what they were seen to do
+    requests: dict[str, int]  # by kind and outcome
+    questions: int
+    answered: int
+    latency_ms: dict[str, tuple[float | None, float | None]]  # p50, p99 of answers, by kind
+    notes: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [
+            f"fault run: {self.planned_seconds:.0f} s ({self.seconds:.0f} s until every "
+            f"client had its answer), {self.clients} clients, {self.questions} "
+            f"questions, {self.answered} answered",
+            "faults injected (planned): " + ", ".join(
+                f"{name} {self.faults.get(name, 0)} ({planned})"
+                for name, planned in self.planned.items()),
+            "effects: " + ", ".join(f"{name} {count}" for name, count in self.effects.items()),
+            "requests: " + ", ".join(f"{name} {count}"
+                                     for name, count in sorted(self.requests.items())),
+            "answers p50 / p99 ms: " + ", ".join(
+                f"{kind} {_ms(p50)} / {_ms(p99)}" for kind, (p50, p99) in self.latency_ms.items()),
+            *[f"note: {note}" for note in self.notes],
+            f"violations: {len(self.violations)}",
+            *[f"  {violation}" for violation in self.violations],
+        ]
+        return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    """Nearest rank; None without values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1))]
+
+
+class FaultRun:
+    """One run: ``FaultRun(target, shape).run()`` → ``Report``."""
+
+    def __init__(self, target: Target, shape: Shape):
+        self.target = target
+        self.shape = shape
+        self.settings = Settings.of(target.env)
+        self.recorder = Recorder(FIRST_FAULT_USER)
+        self.injectors: list[Injector] = injectors(shape.faults)
+        self.chaos = Chaos(target.fake, shape.chaos_rate)
+        users = range(FIRST_USER, FIRST_USER + shape.users)
+        hot = shape.hot_share / shape.hot_users
+        cold = (1 - shape.hot_share) / (shape.users - shape.hot_users)
+        self.habits = Habits(
+            users=users,
+            cum_weights=list(itertools.accumulate(
+                hot if rank < shape.hot_users else cold for rank in range(len(users)))),
+            stream_share=shape.stream_share, keyed_share=shape.keyed_share, think=shape.think,
+        )
+        # A client never gives up before the service's deadline has passed.
+        self.client_timeout = self.settings.request_deadline + 15
+        # Long enough for the socket buffers to fill and a write to time out.
+        self.stuck_hold = FILL_SECONDS + self.settings.write_timeout + 2
+        self._effects: Counter[str] = Counter()
+        self._outages: list[float] = []
+        self._numbers = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # --- for the injectors ---------------------------------------------------------
+
+    def busy_users(self, rng: random.Random, count: int) -> list[int]:
+        """A hot user and ``count - 1`` users picked as the clients pick them."""
+        picked = rng.choices(self.habits.users, cum_weights=self.habits.cum_weights, k=count - 1)
+        return sorted({rng.choice(self.habits.users[: self.shape.hot_users]), *picked})
+
+    def count_effect(self, name: str) -> None:
+        with self._lock:
+            self._effects[name] += 1
+
+    def note_outage(self, seconds: float) -> None:
+        with self._lock:
+            self._outages.append(seconds)
+
+    def next_number(self) -> int:
+        with self._lock:
+            return next(self._numbers)
+
+    # --- the run -------------------------------------------------------------------
+
+    def run(self) -> Report:
+        self._prepare_fake()
+        day = self.settings.today()
+        began = time.monotonic()
+        until = began + self.shape.seconds
+        clients = [threading.Thread(
+            target=ordinary_client, name=f"fault-client-{index}",
+            args=(self.target.url, self.recorder, self.habits, index, self.shape.seed, until,
+                  self.client_timeout), daemon=True,
+        ) for index in range(self.shape.clients)]
+        for thread in clients:
+            thread.start()
+            time.sleep(1.0 / self.shape.clients)  # arrivals spread over the first second
+        injections = self._inject(began)
+        violations = self._join(clients + injections)
+        seconds = time.monotonic() - began
+        self.chaos.off()
+        if not self.target.cluster.running():
+            self.target.cluster.start()
+        violations += self._quiesce()
+        stored = checks.read_database(self.target.admin_dsn)
+        self._restart_while_quiet()
+        probe = self._normal_send()
+        violations += self._check(stored, probe, day)
+        return self._report(seconds, violations)
+
+    def _prepare_fake(self) -> None:
+        fake = self.target.fake
+        fake.latency = self.shape.model_latency
+        fake.chunk_delay = self.shape.chunk_delay
+        fake.failure_rate = 0.0
+        # Slower than one attempt may take: the chaos "delay" is a timeout.
+        fake.chaos_timeout = self.settings.openai_timeout + 1.0
+        # Longer than any fault client stays, so none of them can reach done.
+        seconds = self.stuck_hold + 10.0
+        pieces = math.ceil(seconds / SLOW_CHUNK_DELAY)
+        text = ("Длинный ответ. " * (pieces * PIECE_CHARS // 15 + 1))[: pieces * PIECE_CHARS]
+        step = stream_ok(text, pieces=pieces, first_token_delay=0.2, chunk_delay=SLOW_CHUNK_DELAY,
+                         tokens=pieces)
+        fault_clients = sum(self.shape.faults.get(name, 0)
+                            for name in ("client_leaves", "client_stops_reading"))
+        fake.script_for(SLOW_MODEL, *[step] * (fault_clients + 5))
+
+    def _inject(self, began: float) -> list[threading.Thread]:
+        """Start every planned injection at its moment (a thread each); returns
+        the scheduler, which joins them all."""
+        rng = random.Random(f"{self.shape.seed}:faults")
+        moments = sorted(
+            (began + self.shape.seconds * rng.uniform(*injector.window), injector.name, number)
+            for injector in self.injectors for number in range(injector.planned)
+        )
+        by_name = {injector.name: injector for injector in self.injectors}
+
+        def schedule() -> None:
+            started = []
+            for at, name, number in moments:
+                time.sleep(max(0.0, at - time.monotonic()))
+                injector = by_name[name]
+                thread = threading.Thread(
+                    target=injector.fire,
+                    args=(self, random.Random(f"{self.shape.seed}:{name}:{number}")),
+                    name=f"fault-{name}-{number}", daemon=True,
+                )
+                thread.start()
+                started.append(thread)
+            for thread in started:
+                thread.join()
+
+        scheduler = threading.Thread(target=schedule, name="fault-scheduler", daemon=True)
+        scheduler.start()
+        return [scheduler]
+
+    def _join(self, threads: list[threading.Thread]) -> list[str]:
+        """Every client and injection ends (each request is bounded by its timeout)."""
+        give_up_at = time.monotonic() + self.shape.seconds + 3 * self.client_timeout + 30
+        late = []
+        for thread in threads:
+            thread.join(max(0.0, give_up_at - time.monotonic()))
+            if thread.is_alive():
+                late.append(f"{thread.name} still running at the end of the run")
+        return late
+
+    def _quiesce(self) -> list[str]:
+        """Wait until no stream is in flight and no statement runs (the streams
+        of clients that left end at their next write; a refund may be retrying)."""
+        give_up_at = time.monotonic() + self.settings.request_deadline + 30
+        while time.monotonic() < give_up_at:
+            if self._streams_in_flight() == 0 and not self._busy_backends():
+                return []
+            time.sleep(0.2)
+        return [f"the service was not quiet {self.settings.request_deadline + 30:.0f} s after "
+                f"the run: {self._streams_in_flight()} streams in flight, "
+                f"{self._busy_backends()} statements running"]
+
+    def _metric(self, name: str) -> float | None:
+        """A metric of the service summed over its labels (None: unreadable)."""
+        try:
+            text = requests.get(f"{self.target.url}/metrics", timeout=10).text
+        except requests.RequestException:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith((f"{name} ", f"{name}{{"))]
+        return sum(values) if values else None
+
+    def _streams_in_flight(self) -> float | None:
+        return self._metric("ai_chat_streams_in_flight")
+
+    def _busy_backends(self) -> int:
+        with closing(admin_connection(self.target.admin_dsn)) as connection:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name = 'ai_chat' AND state <> 'idle'"
+                )
+                return cursor.fetchone()[0]
+
+    def _restart_while_quiet(self) -> None:
+        """PostgreSQL restarted once more with no request running (a restart at
+        night): every pooled connection of the service is dead, and no traffic
+        comes to flush them out before the normal send."""
+        began = time.monotonic()
+        self.target.cluster.stop()
+        self.target.cluster.start()
+        self.note_outage(time.monotonic() - began)
+        self.count_effect("restarts while the service was quiet")
+
+    def _normal_send(self) -> Record:
+        """One ordinary send of a new user, the model healthy again."""
+        user = self.recorder.new_user()
+        record = Record(request_id="normal-send", role="probe", kind="send", user=user,
+                        question=f"Обычный вопрос продавца {user}", key=None, attempt=1,
+                        started=time.monotonic())
+        with requests.Session() as session:
+            return self.recorder.add(send_once(session, self.target.url, record,
+                                               self.client_timeout))
+
+    def _check(self, stored: checks.Stored, probe: Record, day: date) -> list[str]:
+        """The invariants; ``stored`` was read once the service was quiet,
+        before the last restart (which would end a session left in a
+        transaction)."""
+        # The normal send came after ``stored`` was read: it has its own check.
+        records = [record for record in self.recorder.records() if record.role != "probe"]
+        log = self.target.log()
+        violations = []
+        if self.settings.today() != day:
+            violations.append("the run crossed midnight in AI_CHAT_TIMEZONE: run it again")
+        violations += checks.counters_equal_answers(records, stored, self.settings.daily_limit,
+                                                    day)
+        violations += checks.answers_are_in_history(records, stored,
+                                                    checks.rowless_request_ids(log))
+        violations += checks.outcomes_are_allowed(records)
+        violations += checks.no_key_left_claimed(stored)
+        violations += checks.no_session_left_in_a_transaction(stored)
+        violations += checks.log_is_clean(log)
+        violations += checks.normal_send_answers_in_time(probe, NORMAL_SEND_SECONDS)
+        return violations
+
+    # --- the report ----------------------------------------------------------------
+
+    def _report(self, seconds: float, violations: list[str]) -> Report:
+        records = [r for r in self.recorder.records() if r.role != "probe"]
+        ordinary = [r for r in records if r.role == "ordinary"]
+        answered = checks.delivered_answers(ordinary)
+        latency = {}
+        for kind in ("send", "stream"):
+            times = [r.seconds * 1000 for r in ordinary if r.kind == kind and r.delivered]
+            latency[kind] = (percentile(times, 0.5), percentile(times, 0.99))
+        log = self.target.log()
+        rowless = checks.rowless_request_ids(log)
+        return Report(
+            planned_seconds=self.shape.seconds,
+            seconds=seconds,
+            clients=self.shape.clients,
+            planned={injector.name: injector.planned for injector in self.injectors},
+            faults={injector.name: injector.injected for injector in self.injectors},
+            effects=self._effects_seen(log),
+            requests=dict(Counter(record.outcome for record in records)),
+            questions=len({(r.user, r.question) for r in ordinary}),
+            answered=sum(len(answers) for answers in answered.values()),
+            latency_ms=latency,
+            notes=[f"{len(rowless)} answer(s) delivered without their history row (the "
+                   "save failed after retries; allowed)"] if rowless else [],
+            violations=violations,
+        )
+
+    def _effects_seen(self, log: str) -> dict[str, int]:
+        effects: Counter[str] = Counter()
+        postgres_log = self.target.cluster.log()
+        for name, pattern in POSTGRES_EFFECTS.items():
+            effects[name] = postgres_log.count(pattern)
+        outcomes = Counter(self.target.fake.outcomes)
+        for outcome in MODEL_EFFECTS:
+            effects[f"model {outcome}"] = outcomes[outcome]
+        effects["upstream streams abandoned"] = self.target.fake.streams_abandoned
+        # Chaos can fail a provider's calls five in a row: then it is skipped for a while.
+        effects["model breaker opened"] = int(self._metric("ai_chat_llm_breaker_opened_total") or 0)
+        lines = checks.log_records(log)
+        streams = [line for line in lines if line.get("path") == "/v1/chat/stream"]
+        leavers = [line for line in streams if line["request_id"].startswith("leaver-")]
+        stuck = [line for line in streams if line["request_id"].startswith("stuck-")]
+        effects["leavers' streams ended client_gone"] = sum(
+            line.get("outcome") == "client_gone" for line in leavers)
+        effects["stuck streams begun"] = sum(line.get("status") == 200 for line in stuck)
+        # Ended before the client closed its socket: by the write timeout.
+        effects["stuck streams ended by the write timeout"] = sum(
+            line.get("outcome") == "client_gone"
+            and line.get("duration_ms", 0) < (self.stuck_hold - 0.5) * 1000
+            for line in stuck)
+        effects["answers saved without a history row"] = sum(
+            line.get("message") == checks.ROWLESS for line in lines)
+        with self._lock:
+            effects.update(self._effects)
+            if self._outages:
+                effects["PostgreSQL down ms (longest)"] = round(max(self._outages) * 1000)
+        return dict(effects)
