@@ -36,9 +36,11 @@ class SqlCounter:
 
     def __init__(self):
         self.statements: list[str] = []
+        self.parameters: list = []  # each statement's bound values
 
     def reset(self) -> None:
         self.statements = []
+        self.parameters = []
 
     def cursor_factory(self):
         counter = self
@@ -47,6 +49,7 @@ class SqlCounter:
             def execute(self, query, vars=None):
                 text = query.decode() if isinstance(query, bytes) else query
                 counter.statements.append(" ".join(text.split()))
+                counter.parameters.append(vars)
                 return super().execute(query, vars)
 
         return CountingCursor
