@@ -1,8 +1,9 @@
 """Operator commands: ``flask --app wsgi chat ...``.
 
-``cleanup`` (history retention); ``reset-limit``, ``stats``, ``settings``,
-``set-limit`` and ``set-model`` (the admin use cases of the API, without
-going through HTTP); ``check`` (configuration and connectivity). Every
+``cleanup`` (history retention); ``reset-limit``, ``stats``, ``usage`` (the
+spend report), ``settings``, ``set-limit``, ``set-spend-limit`` and
+``set-model`` (the admin use cases of the API, without going through HTTP);
+``check`` (configuration and connectivity). Every
 command runs inside an application context and exits non-zero when it could
 not do what was asked, so cron jobs and deploy scripts can rely on the status.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from decimal import Decimal, InvalidOperation
 
 import click
 from flask import Flask, current_app
@@ -20,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.chat import service
-from app.chat.schemas import MAX_BIGINT, MAX_INTEGER
+from app.chat.schemas import MAX_BIGINT, MAX_INTEGER, USAGE_GROUPS, USAGE_MAX_DAYS
 from app.errors import ValidationFailed
 from app.extensions import db
 from app.models import MIGRATION_VERSION_TABLE, UTCDateTime, begin_transaction, ping_database
@@ -138,6 +140,41 @@ def stats(telegram_id: int, days: int, as_json: bool) -> None:
         click.echo(f"tool {tool}: {answers} answer(s)")
 
 
+# --- spend ------------------------------------------------------------------------
+
+
+@chat.command("usage")
+@click.option("--from", "first", type=click.DateTime(["%Y-%m-%d"]), required=True,
+              help="First quota day (YYYY-MM-DD).")
+@click.option("--to", "last", type=click.DateTime(["%Y-%m-%d"]), required=True,
+              help="Last quota day, included.")
+@click.option("--group-by", type=click.Choice(USAGE_GROUPS), default="day", show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True,
+              help="Groups shown (the most expensive first; days in order).")
+@click.option("--json", "as_json", is_flag=True, help="The report as the API gives it.")
+def usage(first, last, group_by: str, limit: int, as_json: bool) -> None:
+    """The spend report: answers, tokens and cost by day, model or user."""
+    first, last = first.date(), last.date()
+    if not 0 <= (last - first).days < USAGE_MAX_DAYS:
+        raise click.BadParameter(f"from must not be after to, and the range at most "
+                                 f"{USAGE_MAX_DAYS} days", param_hint="--to")
+    report = service.usage(first, last, group_by, limit, 0)
+    if as_json:
+        report = {"from": report.pop("first").isoformat(), "to": report.pop("last").isoformat(),
+                  **report}
+        click.echo(json.dumps(report, ensure_ascii=False))
+        return
+    currency = report["currency"]
+    click.echo(f"{'':<24} {'answers':>8} {'tokens':>12} {'cost, ' + currency:>14}")
+    rows = [*report["rows"], {"key": "total", **report["total"]}]
+    for row in rows:
+        key = "(not recorded)" if row["key"] is None else str(row["key"])
+        cost = "-" if row["cost"] is None else f"{row['cost']:.6f}"
+        click.echo(f"{key:<24} {row['answers']:>8} {row['tokens']:>12} {cost:>14}")
+    if report["groups"] > len(report["rows"]):
+        click.echo(f"({report['groups'] - len(report['rows'])} more group(s): --limit)")
+
+
 # --- per-user settings -----------------------------------------------------------
 
 
@@ -147,6 +184,8 @@ def _print_settings(result: dict) -> None:
     limit = result["daily_limit"]
     shown = "default" if limit is None else ("unlimited" if limit == 0 else limit)
     click.echo(f"daily_limit: {shown}")
+    spend = result["daily_spend_limit"]
+    click.echo(f"daily_spend_limit: {'default' if spend is None else spend}")
     click.echo(f"models: {', '.join(result['models'])}")
 
 
@@ -178,6 +217,23 @@ def set_limit(telegram_id: int, limit: str) -> None:
             f"an integer from 0 to {MAX_INTEGER}, or 'default'", param_hint="LIMIT"
         )
     _update_settings(telegram_id, {"daily_limit": value})
+
+
+@chat.command("set-spend-limit")
+@click.argument("telegram_id", type=TELEGRAM_ID)
+@click.argument("amount")
+def set_spend_limit(telegram_id: int, amount: str) -> None:
+    """Cap the user's spend a day: AMOUNT in PRICE_CURRENCY, or "default"."""
+    if amount == "default":
+        value = None
+    else:
+        try:
+            value = Decimal(amount)
+        except InvalidOperation:
+            value = None
+        if value is None or not value.is_finite() or value < 0:
+            raise click.BadParameter("an amount of 0 or more, or 'default'", param_hint="AMOUNT")
+    _update_settings(telegram_id, {"daily_spend_limit": value})
 
 
 @chat.command("set-model")

@@ -76,6 +76,11 @@ class DailyLimitExceeded(ApiError):
     message = "Дневной лимит запросов к AI-ассистенту исчерпан. Попробуйте завтра."
 
 
+class DailySpendLimitExceeded(ApiError):
+    status, code = 429, "daily_spend_limit_exceeded"
+    message = "Дневной лимит расходов на AI-ассистента исчерпан. Попробуйте завтра."
+
+
 class RequestInProgress(ApiError):
     status, code = 409, "request_in_progress"
     message = "A request with this request_id is still being answered; retry later."
@@ -137,6 +142,12 @@ class ErrorSchema(ma.Schema):
     requests_today = ma.fields.Integer(metadata={"description": "429 only"})
     requests_remaining = ma.fields.Integer(metadata={"description": "429 only"})
     reset_at = ma.fields.String(metadata={"description": "429 only, ISO 8601"})
+    daily_spend_limit = ma.fields.Float(
+        metadata={"description": "429 daily_spend_limit_exceeded: the cap, PRICE_CURRENCY"}
+    )
+    spend_today = ma.fields.Float(
+        metadata={"description": "429 daily_spend_limit_exceeded: spent today, PRICE_CURRENCY"}
+    )
     detail = ma.fields.Dict(
         metadata={"description": "The same fields again, as the old service's FastAPI shape"}
     )

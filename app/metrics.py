@@ -99,7 +99,11 @@ STREAMS_ENDED = Counter(
     "ai_chat_streams_total", "Streams by how they ended (done, error, client_gone)", ["outcome"]
 )
 QUOTA_RESERVATIONS = Counter("ai_chat_quota_reservations_total", "Quota units reserved")
-QUOTA_REJECTIONS = Counter("ai_chat_quota_rejections_total", "Sends refused with 429")
+QUOTA_REJECTIONS = Counter(
+    "ai_chat_quota_rejections_total",
+    "Sends refused with 429, by the limit that refused (daily: answers, spend: money)",
+    ["limit"],
+)
 QUOTA_REFUNDS = Counter("ai_chat_quota_refunds_total", "Reserved units given back")
 IDEMPOTENT_REPLAYS = Counter("ai_chat_idempotent_replays_total", "Stored answers replayed")
 USER_CONTEXT_FETCHES = Counter(

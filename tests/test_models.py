@@ -261,7 +261,8 @@ def test_settings_of_a_new_user_are_the_defaults_and_the_models(api):
 
     assert response.status_code == 200
     assert response.get_json() == {
-        "telegram_id": 42, "preferred_model": None, "daily_limit": None, "models": MODELS,
+        "telegram_id": 42, "preferred_model": None, "daily_limit": None,
+        "daily_spend_limit": None, "models": MODELS,
     }
 
 
@@ -994,9 +995,9 @@ def test_stats_by_model_counts_each_model_and_old_rows_as_null(mixed_history):
     by_model = mixed_history.stats().get_json()["by_model"]
 
     assert sorted(by_model, key=lambda row: row["model"] or "") == [
-        {"model": None, "requests": 1, "tokens": 5},
-        {"model": ALPHA_MODEL, "requests": 2, "tokens": 24},
-        {"model": DEFAULT_MODEL, "requests": 1, "tokens": 7},
+        {"model": None, "requests": 1, "tokens": 5, "cost": None},
+        {"model": ALPHA_MODEL, "requests": 2, "tokens": 24, "cost": None},
+        {"model": DEFAULT_MODEL, "requests": 1, "tokens": 7, "cost": None},
     ]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from app.chat.memory import Memory
@@ -32,19 +33,30 @@ from app.sql import Connection, Statement, as_date, run
 # reservations queue up and re-check the WHERE against the committed count,
 # so no interleaving can grant more than the cap.
 _UPSERT = """
-    INSERT INTO ai_chat_daily_limits AS l
-        (telegram_id, request_count, last_reset_date, created_at, updated_at)
-    VALUES (:telegram_id, 1, :today, :now, :now)
+    INSERT INTO ai_chat_daily_limits AS l (telegram_id, request_count, last_reset_date,
+        created_at, updated_at, spend, spend_reserved)
+    VALUES (:telegram_id, 1, :today, :now, :now, 0, CAST(:estimate AS NUMERIC))
     ON CONFLICT (telegram_id) DO UPDATE SET
         request_count = CASE WHEN l.last_reset_date >= :today
                              THEN l.request_count + 1 ELSE 1 END,
+        spend = CASE WHEN l.last_reset_date >= :today THEN l.spend ELSE 0 END,
+        spend_reserved = CASE WHEN l.last_reset_date >= :today
+                              THEN COALESCE(l.spend_reserved, 0) + CAST(:estimate AS NUMERIC)
+                              ELSE CAST(:estimate AS NUMERIC) END,
         last_reset_date = {latest},
         updated_at = :now
-    WHERE l.last_reset_date < :today OR {limit} = 0 OR l.request_count < {limit}
+    WHERE l.last_reset_date < :today
+       OR (({limit} = 0 OR l.request_count < {limit})
+           AND ({spend_limit} IS NULL
+                OR COALESCE(l.spend, 0) + COALESCE(l.spend_reserved, 0) < {spend_limit}))
 """
 USER_LIMIT_SQL = (
     "COALESCE((SELECT daily_limit FROM ai_chat_user_settings "
     "WHERE telegram_id = :telegram_id), :default_limit)"
+)
+_SPEND_LIMIT_SQL = (
+    "COALESCE((SELECT daily_spend_limit FROM ai_chat_user_settings "
+    "WHERE telegram_id = :telegram_id), CAST(:default_spend_limit AS NUMERIC))"
 )
 
 # PostgreSQL: the reservation, the user's settings, the counter behind a 429
@@ -58,13 +70,16 @@ USER_LIMIT_SQL = (
 _RESERVE_PG = Statement(
     f"""
     WITH settings AS (
-        SELECT daily_limit, preferred_model FROM ai_chat_user_settings
+        SELECT daily_limit, preferred_model, daily_spend_limit FROM ai_chat_user_settings
         WHERE telegram_id = :telegram_id
     ), quota AS (
-        SELECT COALESCE((SELECT daily_limit FROM settings), :default_limit) AS daily_limit
+        SELECT COALESCE((SELECT daily_limit FROM settings), :default_limit) AS daily_limit,
+               COALESCE((SELECT daily_spend_limit FROM settings),
+                        CAST(:default_spend_limit AS NUMERIC)) AS spend_limit
     ), reserved AS (
         {_UPSERT.format(latest="GREATEST(l.last_reset_date, :today)",
-                        limit="(SELECT daily_limit FROM quota)")}
+                        limit="(SELECT daily_limit FROM quota)",
+                        spend_limit="(SELECT spend_limit FROM quota)")}
         RETURNING request_count, last_reset_date
     )
     SELECT r.request_count, r.last_reset_date, q.daily_limit,
@@ -75,6 +90,9 @@ _RESERVE_PG = Statement(
            CASE WHEN r.request_count IS NULL THEN
                (SELECT last_reset_date FROM ai_chat_daily_limits
                 WHERE telegram_id = :telegram_id) END,
+           q.spend_limit,
+           CASE WHEN r.request_count IS NULL THEN
+               (SELECT spend FROM ai_chat_daily_limits WHERE telegram_id = :telegram_id) END,
            m.summary, m.covers_until, f.id,
            c.id, c.message, c.response
     FROM quota AS q
@@ -98,15 +116,16 @@ _RESERVE_PG = Statement(
 # SQLite has no data-modifying CTEs: the reservation returns the settings
 # (subqueries are allowed in its RETURNING), the context is read after it.
 _RESERVE_SQLITE = Statement(
-    _UPSERT.format(latest="MAX(l.last_reset_date, :today)", limit=USER_LIMIT_SQL)
+    _UPSERT.format(latest="MAX(l.last_reset_date, :today)", limit=USER_LIMIT_SQL,
+                   spend_limit=_SPEND_LIMIT_SQL)
     + f"""
     RETURNING request_count, last_reset_date, {USER_LIMIT_SQL},
         (SELECT preferred_model FROM ai_chat_user_settings WHERE telegram_id = :telegram_id)
     """
 )
 _REFUSED_SQLITE = Statement(
-    f"SELECT {USER_LIMIT_SQL}, request_count, last_reset_date FROM ai_chat_daily_limits "
-    "WHERE telegram_id = :telegram_id"
+    f"SELECT {USER_LIMIT_SQL}, request_count, last_reset_date, {_SPEND_LIMIT_SQL}, spend "
+    "FROM ai_chat_daily_limits WHERE telegram_id = :telegram_id"
 )
 _RECENT = Statement(
     "SELECT id, message, response FROM ai_chat_requests "
@@ -118,7 +137,9 @@ _RECENT = Statement(
 _REFUND = Statement(
     """
     UPDATE ai_chat_daily_limits
-    SET request_count = request_count - 1, updated_at = :now
+    SET request_count = request_count - 1, updated_at = :now,
+        spend_reserved = CASE WHEN COALESCE(spend_reserved, 0) > CAST(:estimate AS NUMERIC)
+                              THEN spend_reserved - CAST(:estimate AS NUMERIC) ELSE 0 END
     WHERE telegram_id = :telegram_id AND last_reset_date = :counted_on AND request_count > 0
     """
 )
@@ -209,17 +230,41 @@ class Reservation:
     preferred_model: str | None = None
     context: list[tuple] | None = field(default_factory=list)  # (id, message, response)
     memory: Memory | None = field(default_factory=Memory)
+    # A refusal by the spend cap (the count was under its limit): the cap and
+    # what was spent that day.
+    spend: Spend | None = None
 
     @property
     def granted(self) -> bool:
         return self.counted_on is not None
 
 
+@dataclass(frozen=True)
+class Spend:
+    """A user's spend of the day against their cap (PRICE_CURRENCY)."""
+
+    limit: Decimal
+    spent: Decimal
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a reservation is checked against: the daily limit of answers (0 =
+    unlimited), the spend cap (None = none) and the estimate of this answer's
+    cost that the reservation holds until the answer is saved or refunded."""
+
+    daily: int
+    spend: Decimal | None = None
+    estimate: Decimal = Decimal(0)
+
+
 def reserve(
-    conn: Connection, telegram_id: int, day: Day, default_limit: int, context: int,
+    conn: Connection, telegram_id: int, day: Day, defaults: Limits, context: int,
     fold_offset: int | None = None,
 ) -> Reservation:
-    """Take one unit of the user's quota in one statement (committed at once).
+    """Take one unit of the user's quota in one statement (committed at once),
+    with the user's own limits (else ``defaults``): the daily limit of answers
+    and the spend cap, on which the unit also holds ``defaults.estimate``.
 
     Also returns the user's preferred model and, when granted, their last
     ``context`` exchanges oldest first and, unless ``fold_offset`` is None
@@ -229,7 +274,9 @@ def reserve(
         "telegram_id": telegram_id,
         "today": day.today,
         "now": day.now,
-        "default_limit": default_limit,
+        "default_limit": defaults.daily,
+        "default_spend_limit": defaults.spend,
+        "estimate": defaults.estimate,
         "context": context,
         "memory": fold_offset is not None,
         "fold_offset": fold_offset or 0,
@@ -238,21 +285,21 @@ def reserve(
         rows = conn.run(_RESERVE_PG, params)
         count, counted_on, limit, preferred, refused_count, refused_on = rows[0][:6]
         if count is None:
-            return Reservation(
-                _refused(limit, refused_count), day.at_least(refused_on), None, preferred
-            )
-        memory = Memory(*rows[0][6:9]) if fold_offset is not None else Memory()
-        exchanges = [row[9:12] for row in reversed(rows) if row[9] is not None]
+            return _refusal(limit, refused_count, day.at_least(refused_on), preferred,
+                            *rows[0][6:8])
+        memory = Memory(*rows[0][8:11]) if fold_offset is not None else Memory()
+        exchanges = [row[11:14] for row in reversed(rows) if row[11] is not None]
         return Reservation(
             Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges,
             memory,
         )
     rows = conn.run(_RESERVE_SQLITE, params)
     if not rows:
-        limit, refused_count, refused_on = conn.run(_REFUSED_SQLITE, params)[0]
-        return Reservation(
-            _refused(limit, refused_count), day.at_least(as_date(refused_on)), None
-        )
+        limit, refused_count, refused_on, spend_limit, spent = conn.run(
+            _REFUSED_SQLITE, params
+        )[0]
+        return _refusal(limit, refused_count, day.at_least(as_date(refused_on)), None,
+                        spend_limit, spent)
     count, counted_on, limit, preferred = rows[0]
     counted_on = as_date(counted_on)
     # The context and memory are read by the caller (``recent_exchanges``,
@@ -272,17 +319,34 @@ def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tup
     return [tuple(row) for row in reversed(rows)]
 
 
-def _refused(limit: int, count: int | None) -> Usage:
-    """The usage behind a refusal. The count comes from the statement's
-    snapshot, taken before it waited for the row lock, while the refusal was
-    decided on the count committed since: never report less than the limit
-    that refused."""
-    return Usage(limit, max(count or 0, limit))
+def _refusal(limit: int, count: int | None, day: Day, preferred, spend_limit, spent):
+    """The reservation refused: by the daily limit when the count had reached
+    it, else by the spend cap. The count comes from the statement's snapshot,
+    taken before it waited for the row lock, while the refusal was decided on
+    the count committed since: a count refusal never reports less than the
+    limit that refused."""
+    count = count or 0
+    if spend_limit is None or (limit and count >= limit):
+        return Reservation(Usage(limit, max(count, limit)), day, None, preferred)
+    spend = Spend(money(spend_limit), money(spent))
+    return Reservation(Usage(limit, count), day, None, preferred, spend=spend)
 
 
-def refund(conn: Connection, telegram_id: int, counted_on: date, now: datetime) -> None:
-    """Give back the unit a failed request reserved on ``counted_on``."""
-    conn.run(_REFUND, {"telegram_id": telegram_id, "counted_on": counted_on, "now": now})
+def money(value) -> Decimal:
+    """A NUMERIC column's value as Decimal (SQLite hands back a float or text)."""
+    if value is None:
+        return Decimal(0)
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def refund(
+    conn: Connection, telegram_id: int, counted_on: date, now: datetime,
+    estimate: Decimal = Decimal(0),
+) -> None:
+    """Give back the unit a failed request reserved on ``counted_on``, and the
+    estimate of its cost that it held against the spend cap."""
+    conn.run(_REFUND, {"telegram_id": telegram_id, "counted_on": counted_on, "now": now,
+                       "estimate": estimate})
 
 
 def reset_quota(telegram_id: int, day: Day) -> bool:

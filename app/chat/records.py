@@ -34,10 +34,22 @@ _CALLS_PG = """
         CAST(:call_costs AS numeric[])) AS c(purpose, model, prompt_tokens,
         completion_tokens, cost)
 """
+# The answer's cost joins the day's spend on the counter row, and the estimate
+# its reservation held against the spend cap is given back (app/chat/quota.py);
+# nothing is locked when there is neither (an unpriced model, no cap).
+_SPENT = """
+    UPDATE ai_chat_daily_limits
+    SET spend = COALESCE(spend, 0) + CAST(:spend AS NUMERIC),
+        spend_reserved = CASE WHEN COALESCE(spend_reserved, 0) > CAST(:estimate AS NUMERIC)
+                              THEN spend_reserved - CAST(:estimate AS NUMERIC) ELSE 0 END
+    WHERE telegram_id = :telegram_id AND last_reset_date = :request_date
+      AND (CAST(:spend AS NUMERIC) > 0 OR CAST(:estimate AS NUMERIC) > 0)
+"""
 SAVE = Statement(
     f"""
     WITH saved AS ({_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})")}),
-    calls AS ({_CALLS_PG})
+    calls AS ({_CALLS_PG}),
+    spent AS ({_SPENT})
     SELECT id FROM saved
     """,
     sqlite=_INSERT_EXCHANGE.format(source=f"VALUES ({_VALUES})"),
@@ -51,7 +63,8 @@ _SAVE_COMPLETING_PG = Statement(
         WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL
         FOR UPDATE
     ), saved AS ({_INSERT_EXCHANGE.format(source=f"SELECT {_VALUES} FROM claim")}),
-    calls AS ({_CALLS_PG})
+    calls AS ({_CALLS_PG}),
+    spent AS ({_SPENT} AND EXISTS (SELECT 1 FROM saved))
     UPDATE ai_chat_idempotency_keys AS k SET chat_request_id = saved.id
     FROM saved WHERE k.id = :claim_id
     RETURNING saved.id
@@ -63,6 +76,7 @@ _CALL_SQLITE = Statement(
     ":chat_request_id, :purpose, :model, :prompt_tokens, :completion_tokens, :cost, "
     ":usage_date, :created_at)"
 )
+_ADD_SPENT = Statement(_SPENT)
 _OWNED = Statement(
     "SELECT id FROM ai_chat_idempotency_keys "
     "WHERE id = :claim_id AND claim_token = :token AND chat_request_id IS NULL"
@@ -94,15 +108,20 @@ def calls_params(calls: list[Call]) -> dict:
     }
 
 
-def save_answer(conn: Connection, values: dict, calls: list[Call], claim=None) -> int | None:
-    """Store the exchange and its calls (and complete ``claim``); returns the
-    exchange's id, or None, with nothing stored, when the claim is no longer
-    ours.
+def save_answer(
+    conn: Connection, values: dict, calls: list[Call], estimate: Decimal, claim=None
+) -> int | None:
+    """Store the exchange and its calls, add its cost to the day's spend and
+    give back the ``estimate`` its reservation held (and complete ``claim``);
+    returns the exchange's id, or None, with nothing stored, when the claim is
+    no longer ours.
 
     ``values``: the exchange's columns (``_EXCHANGE``).
     """
+    spent = {"spend": values["cost"] or Decimal(0), "estimate": estimate,
+             "telegram_id": values["telegram_id"], "request_date": values["request_date"]}
     if conn.dialect_name == "postgresql":
-        params = {**values, **calls_params(calls)}
+        params = {**values, **calls_params(calls), **spent}
         if claim is not None:
             params.update(claim_id=claim.id, token=claim.token)
         rows = conn.run(SAVE if claim is None else _SAVE_COMPLETING_PG, params)
@@ -116,6 +135,7 @@ def save_answer(conn: Connection, values: dict, calls: list[Call], claim=None) -
         for call in calls:
             record_call(conn, values["telegram_id"], call, values["request_date"],
                         values["created_at"], row_id)
+        conn.run(_ADD_SPENT, spent)
         if claim is not None:
             conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
     return row_id
@@ -130,3 +150,11 @@ def record_call(conn: Connection, telegram_id: int, call: Call, usage_date, crea
         "completion_tokens": call.completion_tokens, "cost": call.cost,
         "usage_date": usage_date, "created_at": created_at,
     })
+
+
+def add_spend(conn: Connection, telegram_id: int, day, amount: Decimal | None) -> None:
+    """Add the cost of a call that is no answer (a summary) to the user's
+    spend of ``day``, on which the spend cap is checked."""
+    if amount:
+        conn.run(_ADD_SPENT, {"spend": amount, "estimate": Decimal(0),
+                                 "telegram_id": telegram_id, "request_date": day})

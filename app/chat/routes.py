@@ -228,8 +228,8 @@ class Settings(MethodView):
     @blp.response(200, schemas.SettingsResponse)
     @_errors(400, 413, 422, 503)
     def put(self, body, telegram_id):
-        """Set the preferred model (bot key) and/or the daily limit (admin key)"""
-        if "daily_limit" in body:
+        """Set the preferred model (bot key) and/or the daily limits (admin key)"""
+        if "daily_limit" in body or "daily_spend_limit" in body:
             require_admin_key()
         return service.update_user_settings(checked_telegram_id(telegram_id), body)
 
@@ -241,3 +241,15 @@ class UserMemory(MethodView):
     def get(self, telegram_id):
         """The summary of the user's older exchanges (memory of long conversations)"""
         return service.user_memory(checked_telegram_id(telegram_id))
+
+
+@blp.route("/usage")
+class Usage(MethodView):
+    decorators = [admin_required]
+
+    @blp.arguments(schemas.UsageQuery(), location="query", error_status_code=400)
+    @blp.response(200, schemas.UsageResponse)
+    @_errors(400, 503)
+    def get(self, query):
+        """Spend report: answers, tokens and cost by day, model or user (admin key)"""
+        return service.usage(**query)

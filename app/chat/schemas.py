@@ -15,6 +15,8 @@ from app.render import FORMATS
 
 MAX_BIGINT = 2**63 - 1
 MAX_INTEGER = 2**31 - 1
+MAX_MESSAGE_CHARS = 4000
+MAX_USER_CONTEXT_CHARS = 8000
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The rules of the validators below, as JSON Schema patterns for the OpenAPI
 # document (ECMA regex; JSON Schema patterns are unanchored).
@@ -81,7 +83,7 @@ class SendRequest(Schema):
     telegram_id = telegram_id_field(required=True)
     message = fields.String(
         required=True,
-        validate=[validate.Length(1, 4000), not_blank, storable_text],
+        validate=[validate.Length(1, MAX_MESSAGE_CHARS), not_blank, storable_text],
         metadata={
             "example": "Как поднять карточку товара в поиске Wildberries?",
             "pattern": NOT_BLANK_NO_NUL_DOC,
@@ -90,7 +92,7 @@ class SendRequest(Schema):
     user_context = fields.String(
         allow_none=True,
         load_default=None,
-        validate=[validate.Length(max=8000), storable_text],
+        validate=[validate.Length(max=MAX_USER_CONTEXT_CHARS), storable_text],
         metadata={
             "description": "Seller data for personalisation; \"\" = none, null = fetch",
             "pattern": NO_NUL_DOC,
@@ -132,6 +134,30 @@ class StatsQuery(Schema):
     days = fields.Integer(load_default=7, validate=validate.Range(1, 365))
 
 
+USAGE_GROUPS = ("day", "model", "user")
+USAGE_MAX_DAYS = 366
+
+
+class UsageQuery(Schema):
+    """The spend report's range (quota days, both included) and grouping."""
+
+    first = fields.Date(data_key="from", required=True, metadata={"example": "2026-12-01"})
+    last = fields.Date(data_key="to", required=True, metadata={"example": "2026-12-01"})
+    group_by = fields.String(load_default="day", validate=validate.OneOf(USAGE_GROUPS))
+    limit = fields.Integer(load_default=100, validate=validate.Range(1, 1000))
+    offset = fields.Integer(load_default=0, validate=validate.Range(0, MAX_INTEGER))
+
+    @ma.validates_schema
+    def _range(self, data, **_kwargs):
+        if "first" in data and "last" in data:
+            days = (data["last"] - data["first"]).days + 1
+            if not 1 <= days <= USAGE_MAX_DAYS:
+                raise ma.ValidationError(
+                    f"from must not be after to, and the range at most {USAGE_MAX_DAYS} days.",
+                    "to",
+                )
+
+
 class SettingsUpdate(Schema):
     """Only the fields given change; null puts one back to the default."""
 
@@ -142,6 +168,15 @@ class SettingsUpdate(Schema):
         validate=validate.Range(0, MAX_INTEGER),
         metadata={"description": "Answers a day for this user; 0 = unlimited, null = "
                                  "DAILY_LIMIT. Needs ADMIN_API_KEY when that is set."},
+    )
+    daily_spend_limit = fields.Decimal(
+        allow_none=True,
+        places=8,
+        allow_nan=False,
+        validate=validate.Range(0, 10**9),
+        metadata={"description": "Money a day for this user in PRICE_CURRENCY (its answers, "
+                                 "tool rounds and summaries); null = DAILY_SPEND_LIMIT. Needs "
+                                 "ADMIN_API_KEY when that is set.", "example": 0.5},
     )
 
 
@@ -283,6 +318,10 @@ class SettingsResponse(Schema):
     daily_limit = fields.Integer(
         required=True, allow_none=True, metadata=ex(None, "null: DAILY_LIMIT applies")
     )
+    daily_spend_limit = fields.Float(
+        required=True, allow_none=True,
+        metadata=ex(None, "null: DAILY_SPEND_LIMIT applies (PRICE_CURRENCY)"),
+    )
     models = fields.List(
         fields.String(), required=True, metadata=ex(["gpt-4o-mini", "qwen2.5-7b"])
     )
@@ -303,3 +342,37 @@ class MemoryResponse(Schema):
     updated_at = fields.AwareDateTime(
         required=True, allow_none=True, metadata=ex("2026-12-02T10:15:00+00:00")
     )
+
+
+class UsageFigures(Schema):
+    answers = fields.Integer(required=True, metadata=ex(120, "Answers given (cached included)"))
+    prompt_tokens = fields.Integer(required=True, metadata=ex(96000))
+    completion_tokens = fields.Integer(required=True, metadata=ex(36000))
+    tokens = fields.Integer(required=True, metadata=ex(132000))
+    cost = fields.Float(
+        required=True, allow_none=True,
+        metadata=ex(0.0360, "In `currency`; null when no call had a price"),
+    )
+
+
+class UsageRow(UsageFigures):
+    key = fields.Raw(
+        required=True, allow_none=True,
+        metadata=ex("gpt-4o-mini", "The day (YYYY-MM-DD), the model (null: unrecorded) or "
+                                   "the user's telegram_id"),
+    )
+
+
+class UsageResponse(Schema):
+    first = fields.Date(data_key="from", required=True, metadata=ex("2026-12-01"))
+    last = fields.Date(data_key="to", required=True, metadata=ex("2026-12-01"))
+    group_by = fields.String(required=True, metadata=ex("model"))
+    currency = fields.String(required=True, metadata=ex("USD"))
+    rows = fields.List(fields.Nested(UsageRow), required=True,
+                       metadata={"description": "Every model call of the range: answers, tool "
+                                                "rounds, summaries; most expensive first (by "
+                                                "day: in date order)"})
+    total = fields.Nested(UsageFigures, required=True)
+    groups = fields.Integer(required=True, metadata=ex(3, "Groups in all (for paging)"))
+    limit = fields.Integer(required=True, metadata=ex(100))
+    offset = fields.Integer(required=True, metadata=ex(0))

@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from functools import cached_property
 
 from flask import current_app
@@ -32,7 +33,13 @@ from app.chat.quota import Day, Usage
 from app.chat.seller_data import SellerData
 from app.chat.service import cached_usage, current_day
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
-from app.errors import DATABASE_OUTAGE, ApiError, DailyLimitExceeded, RequestInProgress
+from app.errors import (
+    DATABASE_OUTAGE,
+    ApiError,
+    DailyLimitExceeded,
+    DailySpendLimitExceeded,
+    RequestInProgress,
+)
 from app.llm import Completion, Tokens
 from app.logs import annotate
 from app.render import Rendered, render
@@ -146,6 +153,8 @@ class Exchange:
         self.claim: idempotency.Claim | None = None
         self.reservation: quota.Reservation | None = None
         self.cache = current_app.extensions["cache"]
+        # Held against the spend cap from the reservation until the save or refund.
+        self.estimate = spend.answer_bound(self.config)
         self.view = MISS  # the user's entries in Redis, read before PostgreSQL
         self.answer_key: str | None = None  # set when the answer may be shared
         self.chain = None
@@ -203,7 +212,8 @@ class Exchange:
                 self.llm.route(command.model)
                 if refused is None:
                     self.reservation = quota.reserve(
-                        conn, command.telegram_id, self.day, default_limit,
+                        conn, command.telegram_id, self.day,
+                        quota.Limits(default_limit, config["DAILY_SPEND_LIMIT"], self.estimate),
                         0 if self.view.context is not None else config["CONTEXT_MESSAGES"],
                         memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None,
                     )
@@ -227,7 +237,7 @@ class Exchange:
         })
         if not reservation.granted:
             self._release_key()
-            self._refuse(reservation.usage)
+            self._refuse(reservation.usage, reservation.spend)
         metrics.QUOTA_RESERVATIONS.inc()
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
@@ -286,10 +296,10 @@ class Exchange:
         self.cache.write_context(command.telegram_id, self.view.gen, context)
         return context
 
-    def _refuse(self, usage: Usage):
-        metrics.QUOTA_REJECTIONS.inc()
-        annotate(outcome="limit_exceeded")
-        raise self._limit_exceeded(usage)
+    def _refuse(self, usage: Usage, spend: quota.Spend | None = None):
+        metrics.QUOTA_REJECTIONS.labels("spend" if spend else "daily").inc()
+        annotate(outcome="spend_limit_exceeded" if spend else "limit_exceeded")
+        raise self._limit_exceeded(usage, spend)
 
     def claim_ttl(self) -> float:
         """A claim outlives the longest request (a stream), whatever the clocks
@@ -368,10 +378,11 @@ class Exchange:
         """
         command = self.command
         text = storable(text)
-        if not cached:
-            self.calls.append(
-                spend.priced_call(self.config["LLM_PRICES"], "answer", model, tokens)
-            )
+        # A cached answer is an answer too (the spend report counts it), at no cost.
+        self.calls.append(
+            records.Call("answer", model, 0, 0, Decimal(0)) if cached
+            else spend.priced_call(self.config["LLM_PRICES"], "answer", model, tokens)
+        )
         self.tokens += tokens
         values = {
             "telegram_id": command.telegram_id,
@@ -389,7 +400,9 @@ class Exchange:
         }
         try:
             saved = self._write(
-                lambda conn: records.save_answer(conn, values, self.calls, self.claim),
+                lambda conn: records.save_answer(
+                    conn, values, self.calls, self.estimate, self.claim
+                ),
                 "save an answer",
             )
         except DATABASE_OUTAGE:
@@ -440,11 +453,11 @@ class Exchange:
 
         def undo(conn):
             if self.claim is None:
-                quota.refund(conn, telegram_id, counted_on, self.day.now)
+                quota.refund(conn, telegram_id, counted_on, self.day.now, self.estimate)
                 return
             with sql.transaction(conn):
                 idempotency.release_key(conn, self.claim)
-                quota.refund(conn, telegram_id, counted_on, self.day.now)
+                quota.refund(conn, telegram_id, counted_on, self.day.now, self.estimate)
 
         try:
             self._write(undo, "refund a reserved unit")
@@ -495,15 +508,21 @@ class Exchange:
             self.command.format, tools=stored.tools,
         )
 
-    def _limit_exceeded(self, usage: Usage) -> DailyLimitExceeded:
+    def _limit_exceeded(self, usage: Usage, spend: quota.Spend | None) -> ApiError:
+        """The 429 of the daily limit or, same fields and headers, of the spend cap."""
         headers = rate_limit_headers(usage, self.day)
         headers["Retry-After"] = str(self.day.seconds_left)
-        return DailyLimitExceeded(
-            headers=headers,
-            daily_limit=usage.limit,
-            requests_today=usage.used,
-            requests_remaining=0,
-            reset_at=self.day.reset_at.isoformat(),
+        fields = {
+            "daily_limit": usage.limit,
+            "requests_today": usage.used,
+            "requests_remaining": 0,
+            "reset_at": self.day.reset_at.isoformat(),
+        }
+        if spend is None:
+            return DailyLimitExceeded(headers=headers, **fields)
+        return DailySpendLimitExceeded(
+            headers=headers, **fields, daily_spend_limit=float(spend.limit),
+            spend_today=float(spend.spent),
         )
 
     def _personalisation(self) -> str | None:

@@ -181,7 +181,7 @@ def stats(telegram_id: int, days: int) -> dict:
 
 
 _SETTINGS = sql.Statement(
-    "SELECT preferred_model, daily_limit FROM ai_chat_user_settings "
+    "SELECT preferred_model, daily_limit, daily_spend_limit FROM ai_chat_user_settings "
     "WHERE telegram_id = :telegram_id"
 )
 
@@ -189,11 +189,12 @@ _SETTINGS = sql.Statement(
 def user_settings(telegram_id: int) -> dict:
     """The user's own settings (null = the default applies) and the models."""
     rows = sql.run(_SETTINGS, {"telegram_id": telegram_id})
-    preferred_model, daily_limit = rows[0] if rows else (None, None)
+    preferred_model, daily_limit, spend_limit = rows[0] if rows else (None, None, None)
     return {
         "telegram_id": telegram_id,
         "preferred_model": preferred_model,
         "daily_limit": daily_limit,
+        "daily_spend_limit": None if spend_limit is None else float(spend_limit),
         "models": current_app.extensions["llm"].names,
     }
 
@@ -219,3 +220,83 @@ def update_user_settings(telegram_id: int, changes: dict) -> dict:
         # A limit changed: Redis's limits entry (a refusal, perhaps) is wrong now.
         _cache().invalidate_user(telegram_id)
     return user_settings(telegram_id)
+
+
+# The operator's spend report, one scan of ai_chat_llm_calls over the dates:
+# every model call with its purpose (an answer, a tool round, a summary), so
+# money spent without an answer is counted too. Answers are the calls whose
+# purpose is "answer" (one per answer given, a cached one included). The
+# window aggregates give the number of groups (for paging) and the totals in
+# the same round trip.
+_USAGE_KEYS = {"day": "usage_date", "model": "model", "user": "telegram_id"}
+_USAGE_ORDER = {
+    "day": "key",
+    "model": "cost DESC NULLS LAST, answers DESC, key",
+    "user": "cost DESC NULLS LAST, answers DESC, key",
+}
+
+
+def _usage_statement(group_by: str) -> sql.Statement:
+    order = _USAGE_ORDER[group_by]
+    text = f"""
+        SELECT key, answers, prompt_tokens, completion_tokens, cost,
+               count(*) OVER () AS groups,
+               sum(answers) OVER (), sum(prompt_tokens) OVER (),
+               sum(completion_tokens) OVER (), sum(cost) OVER ()
+        FROM (
+            SELECT {_USAGE_KEYS[group_by]} AS key,
+                   sum(CASE WHEN purpose = 'answer' THEN 1 ELSE 0 END) AS answers,
+                   sum(prompt_tokens) AS prompt_tokens,
+                   sum(completion_tokens) AS completion_tokens,
+                   sum(cost) AS cost
+            FROM ai_chat_llm_calls
+            WHERE usage_date BETWEEN :first AND :last
+            GROUP BY {_USAGE_KEYS[group_by]}
+        ) AS grouped
+        ORDER BY {order}
+        LIMIT :limit OFFSET :offset
+    """
+    return sql.Statement(text)
+
+
+USAGE = {group_by: _usage_statement(group_by) for group_by in _USAGE_KEYS}
+
+
+def usage(first: date, last: date, group_by: str, limit: int, offset: int) -> dict:
+    """Answers, tokens and cost per day, model or user from ``first`` to
+    ``last`` (quota days, service time zone), most expensive first (by day:
+    in date order); a page of ``limit`` groups from ``offset``."""
+    rows = sql.run(USAGE[group_by], {"first": first, "last": last, "limit": limit,
+                                     "offset": offset})
+    totals = rows[0][6:] if rows else (0, 0, 0, None)
+    return {
+        "first": first,
+        "last": last,
+        "group_by": group_by,
+        "currency": current_app.config["PRICE_CURRENCY"],
+        "rows": [
+            {"key": _usage_key(group_by, key), **_usage_figures(*figures)}
+            for key, *figures in (row[:5] for row in rows)
+        ],
+        "total": _usage_figures(*totals),
+        "groups": rows[0][5] if rows else 0,
+        "limit": limit,
+        "offset": offset,
+    }
+
+
+def _usage_key(group_by: str, key):
+    if group_by == "day":
+        return sql.as_date(key).isoformat()
+    return key
+
+
+def _usage_figures(answers, prompt_tokens, completion_tokens, cost) -> dict:
+    prompt_tokens, completion_tokens = int(prompt_tokens or 0), int(completion_tokens or 0)
+    return {
+        "answers": int(answers or 0),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "tokens": prompt_tokens + completion_tokens,
+        "cost": None if cost is None else round(float(cost), 8),
+    }
