@@ -27,7 +27,7 @@ for name in ALERT_TELEGRAM_BOT_TOKEN ALERT_TELEGRAM_CHAT_ID ALERT_EMAIL_TO \
     eval "value=\${$name:-}"
     [ -n "$value" ] || missing="$missing $name"
 done
-[ -z "$missing" ] || fail "set$missing (see deploy/README-alerts.md)"
+[ -z "$missing" ] || fail "set$missing (see the Alerts section of README.md)"
 
 # Optional: no user = no SMTP authentication.
 ALERT_SMTP_USER=${ALERT_SMTP_USER:-}

@@ -54,7 +54,7 @@ TARGET_LABELS = {"job", "instance"}
 # The promise of the alerting path: a Telegram message within a minute of the
 # service going down.
 ALERT_WITHIN_SECONDS = 60
-# What the Alertmanager container reads from the environment (deploy/README-alerts.md).
+# What the Alertmanager container reads from the environment (README.md, section Alerts).
 ALERT_SETTINGS = {
     "ALERT_TELEGRAM_BOT_TOKEN", "ALERT_TELEGRAM_CHAT_ID", "ALERT_EMAIL_TO",
     "ALERT_SMTP_HOST", "ALERT_SMTP_FROM", "ALERT_SMTP_USER", "ALERT_SMTP_PASSWORD",
@@ -941,7 +941,7 @@ def test_alertmanager_template_holds_no_secret_and_only_documented_placeholders(
     "path",
     ["docker-compose.yml", "deploy/alertmanager.yml", "deploy/alertmanager-entrypoint.sh",
      "deploy/prometheus.yml", "deploy/alerts.yml", "deploy/blackbox.yml",
-     "deploy/README-alerts.md"],
+     "README.md"],
 )
 def test_no_bot_token_or_chat_id_is_written_in_a_deploy_file(path):
     text = (ROOT / path).read_text()
