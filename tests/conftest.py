@@ -22,7 +22,9 @@ from werkzeug.serving import make_server
 os.environ["AI_CHAT_ENV_FILE"] = os.devnull
 
 from app import create_app  # noqa: E402
+from app.cache import Cache  # noqa: E402
 from tests.fake_llm import FakeLLM  # noqa: E402
+from tests.fake_main_server import FakeMainServer  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.redis_server import unavailable_reason as redis_server_missing  # noqa: E402
 from tests.servers import API_KEY  # noqa: E402
@@ -326,3 +328,35 @@ def throwaway_redis():
         pytest.skip(reason)
     with RedisServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def _main_server():
+    with FakeMainServer() as server:
+        yield server
+
+
+@pytest.fixture
+def main_server(_main_server):
+    """The fake main server (tests/fake_main_server.py), with fresh records,
+    sellers and modes."""
+    _main_server.reset()
+    yield _main_server
+    _main_server.reset()
+
+
+@pytest.fixture
+def make_cache():
+    """Build Caches on a Redis URL, closed afterwards: ``make_cache(url, prefix=…)``."""
+    caches = []
+
+    def build(url, **options):
+        options.setdefault("timeout", 0.05)
+        options.setdefault("retry_interval", 0.5)
+        cache = Cache(url, **options)
+        caches.append(cache)
+        return cache
+
+    yield build
+    for cache in caches:
+        cache.close()

@@ -29,23 +29,9 @@ OPEN = 0.5
 
 
 @pytest.fixture
-def make_cache():
-    caches = []
-
-    def build(url: str, prefix: str = "ai_chat:") -> Cache:
-        cache = Cache(url, timeout=0.05, prefix=prefix, retry_interval=0.5)
-        caches.append(cache)
-        return cache
-
-    yield build
-    for cache in caches:
-        cache.close()
-
-
-@pytest.fixture
 def instances(make_cache, redis_env):
     """Two Caches on the shared test Redis, under this test's prefix."""
-    return [make_cache(redis_env["REDIS_URL"], redis_env["REDIS_PREFIX"]) for _ in range(2)]
+    return [make_cache(redis_env["REDIS_URL"], prefix=redis_env["REDIS_PREFIX"]) for _ in range(2)]
 
 
 def shared(cache: Cache, failures: int = 3, open_seconds: float = 30.0, **options):

@@ -32,23 +32,6 @@ LIMITS = {"day": "2026-12-02", "used": 30, "limit": 30}
 
 
 @pytest.fixture
-def make_cache():
-    """Build Caches (closed afterwards): ``make_cache(url, prefix=..., ...)``."""
-    caches = []
-
-    def build(url, **options):
-        options.setdefault("timeout", TIMEOUT)
-        options.setdefault("retry_interval", RETRY)
-        cache = Cache(url, **options)
-        caches.append(cache)
-        return cache
-
-    yield build
-    for cache in caches:
-        cache.close()
-
-
-@pytest.fixture
 def cache(make_cache, redis_env):
     """A Cache on the shared test Redis under this test's own prefix."""
     return make_cache(redis_env["REDIS_URL"], prefix=redis_env["REDIS_PREFIX"])

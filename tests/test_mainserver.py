@@ -34,7 +34,7 @@ from app.mainserver import (
     NoCabinet,
     NotConfigured,
 )
-from tests.fake_main_server import API_KEY, BASE_PATH, NO_CABINET, FakeMainServer
+from tests.fake_main_server import API_KEY, BASE_PATH, NO_CABINET
 from tests.servers import ROOT, free_port
 
 SELLER = 424242
@@ -49,18 +49,10 @@ ENDPOINT_PATHS = (
 )
 
 
-@pytest.fixture(scope="module")
-def _main_server():
-    with FakeMainServer() as server:
-        yield server
-
-
 @pytest.fixture
-def main(_main_server):
-    """The fake main server, with fresh records, sellers and modes."""
-    _main_server.reset()
-    yield _main_server
-    _main_server.reset()
+def main(main_server):
+    """The fake main server (conftest's ``main_server``)."""
+    return main_server
 
 
 @pytest.fixture

@@ -19,25 +19,12 @@ import pytest
 from tests.conftest import Api, exchange_count, request_count, served
 from tests.fake_llm import status, stream_ok, tool_calls
 from tests.fake_main_server import API_KEY as MAIN_KEY
-from tests.fake_main_server import FakeMainServer, review
+from tests.fake_main_server import review
 from tests.servers import send_all_at_once
 from tests.test_stream import read_stream
 
 QUESTION = "Как у меня с продажами на этой неделе?"
 SALES_7D = "108300"  # the main server's 7-day sales amount (MAIN_SERVER_API.md)
-
-
-@pytest.fixture(scope="module")
-def _main_server():
-    with FakeMainServer() as main:
-        yield main
-
-
-@pytest.fixture
-def main_server(_main_server):
-    _main_server.reset()
-    yield _main_server
-    _main_server.reset()
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ from app.mainserver import (
 )
 from app.mainserver.run import MAX_CALLS_PER_ROUND, POOL_THREADS, cache_key
 from tests.fake_llm import TOOL_ANSWER_PREFIX, FakeLLM, tool_calls
-from tests.fake_main_server import API_KEY, FakeMainServer, review
+from tests.fake_main_server import API_KEY, review
 from tests.servers import ROOT, free_port
 
 SELLER = 1001
@@ -50,18 +50,10 @@ INJECTION = (
 )
 
 
-@pytest.fixture(scope="module")
-def _main_server():
-    with FakeMainServer() as server:
-        yield server
-
-
 @pytest.fixture
-def main(_main_server):
-    """The fake main server, with fresh records, sellers and modes."""
-    _main_server.reset()
-    yield _main_server
-    _main_server.reset()
+def main(main_server):
+    """The fake main server (conftest's ``main_server``)."""
+    return main_server
 
 
 def make_client(main, **settings) -> MainServer:

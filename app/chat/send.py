@@ -278,21 +278,22 @@ class Exchange:
 
     def _context(self) -> list[tuple]:
         """The past exchanges (id, message, response), oldest first: Redis's
-        copy, else what the reservation read (then copied to Redis), else
-        (SQLite) a statement of their own, with the memory."""
+        copy, else what the reservation read (then copied to Redis); on
+        SQLite, what a statement of their own reads, with the memory."""
         command, config = self.command, self.config
-        if self.view.context is not None:
-            return [tuple(exchange) for exchange in self.view.context]
         context = self.reservation.context
-        if context is None:
+        if context is None:  # SQLite: read after the reservation
             with sql.connection() as conn:
-                context = quota.recent_exchanges(
-                    conn, command.telegram_id, config["CONTEXT_MESSAGES"]
-                )
+                if self.view.context is None:
+                    context = quota.recent_exchanges(
+                        conn, command.telegram_id, config["CONTEXT_MESSAGES"]
+                    )
                 if config["SUMMARY_ENABLED"]:
                     self.reservation = replace(self.reservation, memory=memory.read_memory(
                         conn, command.telegram_id, memory.fold_offset(config)
                     ))
+        if self.view.context is not None:
+            return [tuple(exchange) for exchange in self.view.context]
         self.cache.write_context(command.telegram_id, self.view.gen, context)
         return context
 
