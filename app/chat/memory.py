@@ -54,7 +54,9 @@ FOLD_THREADS = 2
 FOLD_QUEUE = 256  # users waiting in one process; more are found by the sweeper
 FOLD_MAX_EXCHANGES = 40
 FOLD_EXCHANGE_CHARS = 2000  # of each message and each answer, for the summary's prompt
-LEASE_SECONDS = 120  # longer than a fold can take (the model's LLM_DEADLINE)
+# A lease outlives the fold's model call (LLM_DEADLINE) by this much: the
+# reads and the write around it.
+LEASE_MARGIN_SECONDS = 60
 SWEEP_SECONDS = 60
 SWEEP_BATCH = 16
 RETRY_BASE_SECONDS = 60
@@ -270,7 +272,7 @@ def fold(telegram_id: int) -> None:
     token = secrets.token_hex(16)
     claimed = sql.run(_CLAIM, {
         "telegram_id": telegram_id, "now": now, "token": token,
-        "lease_until": now + timedelta(seconds=LEASE_SECONDS),
+        "lease_until": now + timedelta(seconds=config["LLM_DEADLINE"] + LEASE_MARGIN_SECONDS),
     })
     if not claimed:
         metrics.SUMMARY_FOLDS.labels("busy").inc()
