@@ -217,7 +217,7 @@ class Exchange:
         self.watch.lap("quota")
         if refused is not None:
             usage, self.day = refused
-            self._refuse(usage)
+            self._refuse(usage, "redis")
         reservation = self.reservation
         # The counter's day, when this instance's clock is behind it.
         self.day = reservation.day
@@ -227,7 +227,7 @@ class Exchange:
         })
         if not reservation.granted:
             self._release_key()
-            self._refuse(reservation.usage)
+            self._refuse(reservation.usage, "postgresql")
         metrics.QUOTA_RESERVATIONS.inc()
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
@@ -286,9 +286,11 @@ class Exchange:
         self.cache.write_context(command.telegram_id, self.view.gen, context)
         return context
 
-    def _refuse(self, usage: Usage):
+    def _refuse(self, usage: Usage, by: str):
+        """Raise the 429; ``by`` ("redis" or "postgresql") goes into the
+        request's log line: which of the two knew the user was at the limit."""
         metrics.QUOTA_REJECTIONS.inc()
-        annotate(outcome="limit_exceeded")
+        annotate(outcome="limit_exceeded", refused_by=by)
         raise self._limit_exceeded(usage)
 
     def claim_ttl(self) -> float:
