@@ -65,7 +65,7 @@ SHAPE = Shape(
         "redis_flushall": 2,
         "redis_evict": 3,
     },
-    operations={"delete_history": 6, "reset_limit": 6, "set_limit": 6},
+    operations={"delete_history": 10, "reset_limit": 10, "set_limit": 8},
 )
 ADMIN_KEY = "fault-run-admin-key"
 SCALED = {
