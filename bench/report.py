@@ -349,6 +349,10 @@ def fault_lines(result) -> list[str]:
         *[f"| {name} | {planned} | {result.faults.get(name, 0)} |"
           for name, planned in result.planned.items()],
         "",
+        "Redis faults, seconds into the run: " + ", ".join(
+            f"{kind} {began:.1f}-{ended:.1f}" for kind, began, ended in result.redis_faults_at)
+        + ".",
+        "",
         "| operation | planned | done (200) |",
         "|---|--:|--:|",
         *[f"| {name} | {planned} | {done} |"

@@ -288,12 +288,19 @@ class Habits:
 
 
 class UserGate:
-    """Questions of one user run side by side; an operation on the user waits
-    until none is running and holds new ones back until it is done (a
-    writer-preferring lock per user). ``question`` gives the number of
-    operations done on the user before it: the question's epoch."""
+    """Questions of one user run side by side; an operation on the user runs
+    when none does, holding new ones back until it is done. ``question``
+    gives the number of operations done on the user before it: the
+    question's epoch.
 
-    def __init__(self):
+    An operation first waits up to ``patience`` seconds for a gap between
+    the user's questions without holding anyone back (a busy user's
+    questions come and go within a second); only then does it hold new
+    questions back and wait for those in flight, which may take a model
+    timeout: every client that picks the user meanwhile would stall."""
+
+    def __init__(self, patience: float = 3.0):
+        self.patience = patience
         self._changed = threading.Condition()
         self._asking: Counter[int] = Counter()
         self._held: set[int] = set()
@@ -320,6 +327,11 @@ class UserGate:
         """Yields the operation's own epoch (0 for the user's first)."""
         with self._changed:
             while user in self._held:
+                self._changed.wait()
+            give_up_at = time.monotonic() + self.patience
+            while self._asking[user] and time.monotonic() < give_up_at:
+                self._changed.wait(max(0.0, give_up_at - time.monotonic()))
+            while user in self._held:  # another operation took its turn first
                 self._changed.wait()
             self._held.add(user)  # from now on no new question of the user starts
             while self._asking[user]:

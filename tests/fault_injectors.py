@@ -65,6 +65,10 @@ FAULT_SESSION = "fault_run"
 # How long a cancel or terminate looks for a backend in the middle of a
 # statement (the service's statements take about a millisecond each).
 ACTIVE_SEARCH_SECONDS = 1.0
+# A flush or an eviction waits for at least this many keys of the service
+# (a busy service writes hundreds a second), at most this long.
+REFILL_KEYS = 50
+REFILL_SECONDS = 3.0
 
 
 @dataclass
@@ -277,22 +281,34 @@ def pause_redis(run: FaultRun, rng: random.Random) -> bool:
 
 
 def _service_keys(client: redis_py.Redis, prefix: str) -> list[str]:
-    return sorted(client.scan_iter(match=f"{prefix}*", count=1000))
+    """The service's keys, once it has written some: a fault that took its
+    turn right after a kill or a flush waits (up to REFILL_SECONDS) for the
+    traffic to fill the empty Redis again, so that it removes something."""
+    give_up_at = time.monotonic() + REFILL_SECONDS
+    while True:
+        keys = sorted(client.scan_iter(match=f"{prefix}*", count=1000))
+        if len(keys) >= REFILL_KEYS or time.monotonic() >= give_up_at:
+            return keys
+        time.sleep(0.1)
+
+
+def _prefix(run: FaultRun) -> str:
+    return run.target.env.get("REDIS_PREFIX", "ai_chat:")
 
 
 def flush_redis(run: FaultRun, rng: random.Random) -> bool:
-    """FLUSHALL: every entry, token and script-cached value gone at once."""
+    """FLUSHALL: every entry and token gone at once (the scripts stay)."""
     server = run.target.redis
 
     def action() -> bool:
         try:
             with server.client() as client:
-                keys = client.dbsize()
+                keys = len(_service_keys(client, _prefix(run)))
                 client.flushall()
         except redis_py.RedisError:
             return False
         run.count_effect("redis keys flushed", keys)
-        return True
+        return keys > 0
 
     return _redis_fault(run, "redis_flushall", action)
 
@@ -301,12 +317,11 @@ def evict_redis(run: FaultRun, rng: random.Random) -> bool:
     """A random share (30-70 %) of the service's keys deleted, as an eviction
     under memory pressure would (see the module docstring)."""
     server = run.target.redis
-    prefix = run.target.env.get("REDIS_PREFIX", "ai_chat:")
 
     def action() -> bool:
         try:
             with server.client() as client:
-                keys = _service_keys(client, prefix)
+                keys = _service_keys(client, _prefix(run))
                 chosen = rng.sample(keys, round(len(keys) * rng.uniform(0.3, 0.7)))
                 deleted = client.delete(*chosen) if chosen else 0
         except redis_py.RedisError:

@@ -216,6 +216,8 @@ class Report:
     latency_ms: dict[str, tuple[float | None, float | None]]  # p50, p99 of answers, by kind
     operations: dict[str, tuple[int, int]] = field(default_factory=dict)  # planned, done
     checked: dict[str, int] = field(default_factory=dict)  # what the checks examined
+    # Each Redis fault: kind, began and ended (seconds into the run).
+    redis_faults_at: list[tuple[str, float, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
 
@@ -235,6 +237,8 @@ class Report:
                                      for name, count in sorted(self.requests.items())),
             "answers p50 / p99 ms: " + ", ".join(
                 f"{kind} {_ms(p50)} / {_ms(p99)}" for kind, (p50, p99) in self.latency_ms.items()),
+            "redis faults (s into the run): " + ", ".join(
+                f"{kind} {began:.1f}-{ended:.1f}" for kind, began, ended in self.redis_faults_at),
             "checked: " + ", ".join(f"{name} {count}" for name, count in self.checked.items()),
             *[f"note: {note}" for note in self.notes],
             f"violations: {len(self.violations)}",
@@ -286,6 +290,7 @@ class FaultRun:
         self.redis_lock = threading.Lock()
         self._redis_windows: list[tuple[str, float, float]] = []
         self._checked: Counter[str] = Counter()
+        self._began_wall = time.time()
         # A client never gives up before the service's deadline has passed.
         self.client_timeout = self.settings.request_deadline + 15
         # Long enough for the socket buffers to fill and a write to time out.
@@ -324,6 +329,7 @@ class FaultRun:
         self._prepare_fake()
         day = self.settings.today()
         began = time.monotonic()
+        self._began_wall = time.time()
         until = began + self.shape.seconds
         polling = threading.Event()
         readiness = threading.Thread(target=self._poll_readiness, args=(polling,),
@@ -592,6 +598,9 @@ class FaultRun:
                                sum(op.done for op in self.operations if op.kind == kind))
                         for kind in OPERATIONS if kind in self.shape.operations},
             checked=dict(self._checked),
+            redis_faults_at=sorted(((kind, began - self._began_wall, ended - self._began_wall)
+                                    for kind, began, ended in self._redis_windows),
+                                   key=lambda window: window[1]),
             notes=[f"{len(rowless)} answer(s) delivered without their history row (the "
                    "save failed after retries; allowed)"] if rowless else [],
             violations=violations,
@@ -632,29 +641,50 @@ class FaultRun:
 
     def _redis_effects(self, lines: list[dict]) -> dict[str, int]:
         """What Redis's faults and paths were seen to do: each kill and pause
-        seen by the service (it logged falling back, then finding Redis
-        again; /health/ready said degraded), the lookups by use and outcome
+        seen by the service (a process of it fell back to PostgreSQL within
+        the fault, and every one found Redis again after it; /health/ready
+        said degraded), the lookups by use and outcome
         (``ai_chat_redis_requests_total``), refusals answered from Redis,
-        common answers delivered, and ``ai_chat_redis_up`` at the end."""
+        common answers delivered, and ``ai_chat_redis_up`` at the end.
+
+        Each process logs REDIS_DOWN once when it loses Redis and REDIS_BACK
+        once when it finds it again, so the lines so far, +1 and -1, count
+        the processes without Redis at any moment (the lines carry no pid; a
+        process still down from a fault just before is down in this one)."""
         effects: dict[str, int] = {}
         down = [_log_time(line) for line in lines
                 if str(line.get("message", "")).startswith(REDIS_DOWN)]
         back = [_log_time(line) for line in lines
                 if str(line.get("message", "")).startswith(REDIS_BACK)]
+        steps = sorted([(at, 1) for at in down] + [(at, -1) for at in back])
+
+        def without_redis(at: float) -> int:
+            return sum(step for moment, step in steps if moment <= at)
+
+        def moments(start: float, end: float) -> list[float]:
+            return [start, *(moment for moment, _ in steps if start < moment <= end)]
+
         degraded = [poll.at for poll in self.readiness if poll.redis == "degraded"]
         with self._lock:
             windows = list(self._redis_windows)
         for kind, label in (("redis_kill", "redis kills"), ("redis_pause", "redis pauses")):
             mine = [(began, ended) for name, began, ended in windows if name == kind]
-            effects[f"{label} the service fell back from"] = sum(
-                any(began <= at <= ended + REDIS_SEEN_GRACE for at in down)
-                for began, ended in mine)
+            fell = [(began, ended) for began, ended in mine
+                    if any(without_redis(at) > 0
+                           for at in moments(began, ended + REDIS_SEEN_GRACE))]
+            effects[f"{label} the service fell back from"] = len(fell)
             effects[f"{label} the service came back from"] = sum(
-                any(began < at <= ended + REDIS_BACK_GRACE for at in back)
-                for began, ended in mine)
+                any(without_redis(at) == 0 for at in moments(ended, ended + REDIS_BACK_GRACE))
+                for began, ended in fell)
             effects[f"{label} /health/ready said degraded in"] = sum(
                 any(began <= at <= ended for at in degraded) for began, ended in mine)
         effects["redis unavailable logged"] = len(down)
+        # A busy process whose call outlived REDIS_TIMEOUT by itself (a CPU or
+        # GIL stall, no fault injected) falls back too, for a retry interval.
+        effects["of them outside any injected fault"] = sum(
+            not any(began <= at <= ended + REDIS_SEEN_GRACE for kind, began, ended in windows
+                    if kind in ("redis_kill", "redis_pause"))
+            for at in down)
         effects["redis is back logged"] = len(back)
         effects["/health/ready said redis degraded"] = len(degraded)
         effects["/health/ready asked"] = len(self.readiness)
