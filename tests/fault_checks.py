@@ -229,10 +229,11 @@ def _within_limits(user: int, answers: list[Record], timeline: Timeline) -> list
     so an epoch ends at most at that limit (or where it began, when a lowered
     limit was already exceeded)."""
     by_epoch = Counter(record.epoch for record in answers)
+    operations = timeline.operations.get(user, [])
     violations = []
     count = 0
-    for epoch in range(timeline.epochs(user) + 1):
-        if epoch and timeline.operations[user][epoch - 1].kind == "reset_limit":
+    for epoch in range(len(operations) + 1):
+        if epoch and operations[epoch - 1].kind == "reset_limit":
             count = 0
         limit = timeline.limit(user, epoch)
         reached = count + by_epoch[epoch]

@@ -427,12 +427,14 @@ class FaultRun:
             value = pick.choice([None, max(1, limit - 3), limit + 4, 0]) \
                 if kind == "set_limit" else None
             operation = Operation(kind, user, value, number=self.next_number())
-            with self.gate.operation(user) as epoch:
-                operation.epoch = epoch
-                operate(self.target.url, self.target.admin_key, operation,
-                        self.client_timeout, self.client_timeout)
-            with self._lock:
-                self.operations.append(operation)
+            try:
+                with self.gate.operation(user) as epoch:
+                    operation.epoch = epoch
+                    operate(self.target.url, self.target.admin_key, operation,
+                            self.client_timeout, self.client_timeout)
+            finally:  # every epoch the gate counted has its operation (done or not)
+                with self._lock:
+                    self.operations.append(operation)
 
         def schedule() -> None:
             started = []
