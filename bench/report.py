@@ -337,18 +337,29 @@ def fault_lines(result) -> list[str]:
         f"`tests/fault_run.py`): {result.clients} clients asking for "
         f"{result.planned_seconds:.0f} s ({result.seconds:.0f} s until every client had its "
         "answer; sends and streams, half with a `request_id` retried after a failure, a few "
-        "busy users who reach the daily limit) against the service at its defaults on a "
-        "throwaway PostgreSQL cluster, while the faults below fire at seeded moments. "
-        "After it: quiet, one more PostgreSQL restart with nothing running, one normal send, "
-        "and the invariants.",
+        "busy users who reach the daily limit, a fifth of the questions a seller's general "
+        "first question for the common-answer cache) against the service at its defaults on a "
+        "throwaway PostgreSQL cluster and a throwaway Redis, while the faults below fire at "
+        "seeded moments and an operator deletes histories, resets counters and sets limits. "
+        "After it: quiet, every user's `GET /v1/chat/limits` (twice), one more PostgreSQL "
+        "restart with nothing running, one normal send, and the invariants.",
         "",
         "| fault | planned | injected |",
         "|---|--:|--:|",
         *[f"| {name} | {planned} | {result.faults.get(name, 0)} |"
           for name, planned in result.planned.items()],
         "",
+        "Redis faults, seconds into the run: " + ", ".join(
+            f"{kind} {began:.1f}-{ended:.1f}" for kind, began, ended in result.redis_faults_at)
+        + ".",
+        "",
+        "| operation | planned | done (200) |",
+        "|---|--:|--:|",
+        *[f"| {name} | {planned} | {done} |"
+          for name, (planned, done) in result.operations.items()],
+        "",
         "What the faults were seen to do (PostgreSQL's log, the fake model's outcomes, the "
-        "service's request log):",
+        "service's log and `/metrics`, the `/health/ready` answers asked all along):",
         "",
         "| effect | count |",
         "|---|--:|",
@@ -357,7 +368,10 @@ def fault_lines(result) -> list[str]:
         "Sessions terminated: by pg_terminate_backend and by each restart (every session). "
         "Backends hit while active / idle: the state of the session a cancel or terminate "
         "picked. Stuck streams: those of clients that stopped reading which began (200) and "
-        "which the service ended before the client closed its socket.",
+        "which the service ended before the client closed its socket. Redis kills / pauses "
+        "the service fell back from / came back from: those within which it logged "
+        "\"redis unavailable\" (or within 1 s after) / after which it logged \"redis is "
+        "back\" (within 5 s). `redis <use> <outcome>`: `ai_chat_redis_requests_total`.",
         "",
         f"{result.questions} questions, {result.answered} answered. Answers p50 / p99: "
         + ", ".join(f"{kind} {_fmt(p50, 0)} / {_fmt(p99, 0)} ms"
@@ -366,6 +380,9 @@ def fault_lines(result) -> list[str]:
         "| requests (kind, status, code) | count |",
         "|---|--:|",
         *[f"| {name} | {count} |" for name, count in sorted(result.requests.items())],
+        "",
+        "The checks examined: " + ", ".join(
+            f"{name} {count}" for name, count in result.checked.items()) + ".",
         "",
         *[f"Note: {note}." for note in result.notes],
         f"**Invariant violations: {len(result.violations)}** (goal 0)"

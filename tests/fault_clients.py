@@ -10,7 +10,24 @@ request they made came back with.
 - **A client that stops reading** sends a stream request on a raw socket with
   a tiny receive buffer, reads nothing, and closes it after ``hold`` seconds.
 
-The last two ask for ``SLOW_MODEL`` with a user of their own: the fake LLM
+- **The operator** (``operate``) deletes a user's history, resets their
+  counter or sets their daily limit (the admin key), asking again until the
+  service answers 200 (each action is idempotent, so a retry is exact).
+- **A readiness probe** (``poll_readiness``) asks ``/health/ready`` all
+  along: Redis's check in it, and whether it stayed 200 while the database
+  answered.
+
+Ordinary questions and operations meet at a ``UserGate``: the questions of
+one user run side by side, an operation on that user waits for them to end
+and holds new ones back until it is done. So every question falls wholly
+between two operations of its user (its ``epoch``), and what the counter
+and history must hold after each operation stays exact. Some ordinary
+questions are one of ``COMMON_QUESTIONS`` (a seller's general first question:
+the common-answer cache's), the others carry their question id between
+``#`` (``QUESTION_TAG``), so the prompts the model got can be traced back to
+their question, user and epoch.
+
+The last two fault clients ask for ``SLOW_MODEL`` with a user of their own: the fake LLM
 streams that model's answers far longer than those clients stay, so no such
 stream can ever have reached ``done``, and their users must end the run with
 nothing counted and nothing stored. Every request asks for ``format:
@@ -23,11 +40,14 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import requests
 
@@ -42,6 +62,20 @@ RETRIED_STATUSES = frozenset({409, 502, 503, 504})
 ATTEMPTS = 3
 RETRY_PAUSE = 0.3
 CONNECT_TIMEOUT = 5.0
+# General first questions many sellers ask word for word: without context, a
+# summary or seller data in the prompt, the second asker on gets the common
+# answer from Redis (``cached: true``).
+COMMON_QUESTIONS = (
+    "Как работает FBS на Wildberries?",
+    "Как снизить процент возвратов на Wildberries?",
+    "Какая комиссия Wildberries для категории одежда?",
+)
+# The id of an ordinary question inside its text (and so in its answer, the
+# model's echo): "#c12-q3#". The closing mark keeps a clipped id (a summary
+# cuts long texts) from reading as another question's.
+QUESTION_TAG = re.compile(r"#(c\d+-q\d+)#")
+# The operator's actions (``operate``).
+OPERATIONS = ("delete_history", "reset_limit", "set_limit")
 
 
 @dataclass
@@ -52,7 +86,8 @@ class Record:
     role: str  # "ordinary", "leaver", "stuck" or "probe"
     kind: str  # "send" or "stream"
     user: int
-    question: str  # one question: the attempts of one key share it
+    question_id: str  # one question: its attempts (and their key) share it
+    question: str  # its text (a common question's is shared by many)
     key: str | None
     attempt: int
     started: float
@@ -62,6 +97,9 @@ class Record:
     delivered: str | None = None  # the answer's text, when the client got one (200 or done)
     deltas: str | None = None  # a stream's deltas joined
     failure: str | None = None  # on the client's side: an exception's name, or "cut"
+    limit: int | None = None  # the daily_limit of a 200 (send's body, done) or a 429
+    cached: bool = False  # delivered from the common-answer cache
+    epoch: int = 0  # the operations on the user done before the question began
 
     @property
     def outcome(self) -> str:
@@ -135,12 +173,32 @@ def sse_events(response: requests.Response) -> Iterator[tuple[str, object]]:
                 name, data = None, []
 
 
-def _error_code(response: requests.Response) -> str | None:
+def _error(response: requests.Response) -> tuple[str | None, dict]:
+    """A JSON error's code and body."""
     try:
         body = response.json()
     except ValueError:
-        return "not json"
-    return body.get("error") if isinstance(body, dict) else "not an object"
+        return "not json", {}
+    if not isinstance(body, dict):
+        return "not an object", {}
+    return body.get("error"), body
+
+
+def _error_code(response: requests.Response) -> str | None:
+    return _error(response)[0]
+
+
+def _answered(record: Record, body: dict) -> None:
+    """What a 200 (send's body, a stream's done) says."""
+    record.delivered = body["response"]
+    record.limit = body.get("daily_limit")
+    record.cached = body.get("cached") is True
+
+
+def _refused(record: Record, response: requests.Response) -> None:
+    record.code, body = _error(response)
+    if record.code == "daily_limit_exceeded":
+        record.limit = body.get("daily_limit")
 
 
 def send_once(session: requests.Session, url: str, record: Record, timeout: float) -> Record:
@@ -153,9 +211,9 @@ def send_once(session: requests.Session, url: str, record: Record, timeout: floa
     else:
         record.status = response.status_code
         if response.status_code == 200:
-            record.delivered = response.json()["response"]
+            _answered(record, response.json())
         else:
-            record.code = _error_code(response)
+            _refused(record, response)
     record.finished = time.monotonic()
     return record
 
@@ -169,7 +227,7 @@ def stream_once(session: requests.Session, url: str, record: Record, timeout: fl
                           timeout=(CONNECT_TIMEOUT, timeout)) as response:
             record.status = response.status_code
             if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                record.code = _error_code(response)
+                _refused(record, response)
             else:
                 _read_events(response, record)
     except requests.RequestException as error:
@@ -185,7 +243,8 @@ def _read_events(response: requests.Response, record: Record) -> None:
             if name == "delta":
                 deltas.append(data["text"])
             elif name == "done":
-                record.code, record.delivered = "done", data["response"]
+                record.code = "done"
+                _answered(record, data)
             elif name == "error":
                 record.code = data["error"]
     finally:
@@ -196,15 +255,15 @@ def _read_events(response: requests.Response, record: Record) -> None:
 
 def ask(session: requests.Session, url: str, recorder: Recorder, question_id: str, *,
         kind: str, user: int, question: str, keyed: bool, timeout: float,
-        rng: random.Random) -> list[Record]:
+        rng: random.Random, epoch: int = 0) -> list[Record]:
     """One question of an ordinary client: asked again (same key, same message)
     after a failure worth retrying when it has a key, as the bot does."""
     records = []
     for attempt in range(1, ATTEMPTS + 1):
         record = recorder.add(Record(
             request_id=f"{question_id}-{attempt}", role="ordinary", kind=kind, user=user,
-            question=question, key=question_id if keyed else None, attempt=attempt,
-            started=time.monotonic(),
+            question_id=question_id, question=question, key=question_id if keyed else None,
+            attempt=attempt, started=time.monotonic(), epoch=epoch,
         ))
         once = stream_once if kind == "stream" else send_once
         records.append(once(session, url, record, timeout))
@@ -217,17 +276,78 @@ def ask(session: requests.Session, url: str, recorder: Recorder, question_id: st
 @dataclass(frozen=True)
 class Habits:
     """How the ordinary clients ask: whom for (``users``, the busy ones first,
-    picked by ``cum_weights``), how (streams, keys) and how often."""
+    picked by ``cum_weights``), how (streams, keys, common questions) and how
+    often."""
 
     users: Sequence[int]
     cum_weights: Sequence[float]
     stream_share: float
     keyed_share: float
     think: tuple[float, float]  # seconds between a client's questions
+    common_share: float = 0.0  # share of questions that are one of COMMON_QUESTIONS
 
 
-def ordinary_client(url: str, recorder: Recorder, habits: Habits, index: int, seed: int,
-                    until: float, timeout: float) -> None:
+class UserGate:
+    """Questions of one user run side by side; an operation on the user runs
+    when none does, holding new ones back until it is done. ``question``
+    gives the number of operations done on the user before it: the
+    question's epoch.
+
+    An operation first waits up to ``patience`` seconds for a gap between
+    the user's questions without holding anyone back (a busy user's
+    questions come and go within a second); only then does it hold new
+    questions back and wait for those in flight, which may take a model
+    timeout: every client that picks the user meanwhile would stall."""
+
+    def __init__(self, patience: float = 3.0):
+        self.patience = patience
+        self._changed = threading.Condition()
+        self._asking: Counter[int] = Counter()
+        self._held: set[int] = set()
+        self._done: Counter[int] = Counter()
+
+    @contextmanager
+    def question(self, user: int) -> Iterator[int]:
+        with self._changed:
+            while user in self._held:
+                self._changed.wait()
+            self._asking[user] += 1
+            epoch = self._done[user]
+        try:
+            yield epoch
+        finally:
+            with self._changed:
+                self._asking[user] -= 1
+                if not self._asking[user]:
+                    del self._asking[user]
+                    self._changed.notify_all()
+
+    @contextmanager
+    def operation(self, user: int) -> Iterator[int]:
+        """Yields the operation's own epoch (0 for the user's first)."""
+        with self._changed:
+            while user in self._held:
+                self._changed.wait()
+            give_up_at = time.monotonic() + self.patience
+            while self._asking[user] and time.monotonic() < give_up_at:
+                self._changed.wait(max(0.0, give_up_at - time.monotonic()))
+            while user in self._held:  # another operation took its turn first
+                self._changed.wait()
+            self._held.add(user)  # from now on no new question of the user starts
+            while self._asking[user]:
+                self._changed.wait()
+            epoch = self._done[user]
+        try:
+            yield epoch
+        finally:
+            with self._changed:
+                self._done[user] += 1
+                self._held.discard(user)
+                self._changed.notify_all()
+
+
+def ordinary_client(url: str, recorder: Recorder, habits: Habits, gate: UserGate, index: int,
+                    seed: int, until: float, timeout: float) -> None:
     """Ask questions until ``until`` (monotonic); each one is recorded."""
     rng = random.Random(f"{seed}:client:{index}")
     with requests.Session() as session:
@@ -236,10 +356,15 @@ def ordinary_client(url: str, recorder: Recorder, habits: Habits, index: int, se
                 return
             user = rng.choices(habits.users, cum_weights=habits.cum_weights)[0]
             question_id = f"c{index}-q{number}"
-            ask(session, url, recorder, question_id,
-                kind="stream" if rng.random() < habits.stream_share else "send",
-                user=user, question=f"Вопрос {question_id} продавца {user}: как поднять продажи?",
-                keyed=rng.random() < habits.keyed_share, timeout=timeout, rng=rng)
+            if rng.random() < habits.common_share:
+                question = rng.choice(COMMON_QUESTIONS)
+            else:
+                question = f"Вопрос #{question_id}# продавца {user}: как поднять продажи?"
+            kind = "stream" if rng.random() < habits.stream_share else "send"
+            keyed = rng.random() < habits.keyed_share
+            with gate.question(user) as epoch:
+                ask(session, url, recorder, question_id, kind=kind, user=user,
+                    question=question, keyed=keyed, timeout=timeout, rng=rng, epoch=epoch)
             time.sleep(rng.uniform(*habits.think))
 
 
@@ -302,3 +427,100 @@ def stop_reading(url: str, record: Record, hold: float) -> Record:
         stuck.close()
     record.finished = time.monotonic()
     return record
+
+
+# --- the operator ----------------------------------------------------------------
+
+
+@dataclass
+class Operation:
+    """One action of the operator on a user (one of OPERATIONS), asked until
+    it answers 200."""
+
+    kind: str
+    user: int
+    value: int | None = None  # set_limit: the new daily_limit (None: DAILY_LIMIT, 0: unlimited)
+    number: int = 0  # the run's count of operations: its X-Request-ID
+    epoch: int = 0  # the operations on the user done before this one
+    started: float = 0.0
+    finished: float = 0.0
+    attempts: list[str] = field(default_factory=list)  # each one's outcome: "200", "503 …"
+    done: bool = False  # answered 200
+
+    @property
+    def outcomes(self) -> list[str]:
+        """``"operator reset_limit 200"``… per attempt."""
+        return [f"operator {self.kind} {attempt}" for attempt in self.attempts]
+
+
+def operate(url: str, admin_key: str, operation: Operation, timeout: float,
+            give_up_after: float) -> Operation:
+    """The operation, asked again after a 503 or no answer (the database may
+    be restarting) until it answers 200 or ``give_up_after`` seconds passed.
+    The caller holds the user's gate."""
+    head = {"X-API-KEY": admin_key}
+    user = operation.user
+    operation.started = time.monotonic()
+    give_up_at = operation.started + give_up_after
+    with requests.Session() as session:
+        for attempt in itertools.count(1):
+            head["X-Request-ID"] = f"op-{operation.number}-{operation.kind}-{attempt}"
+            try:
+                if operation.kind == "delete_history":
+                    response = session.delete(f"{url}/v1/chat/history/{user}", headers=head,
+                                              timeout=(CONNECT_TIMEOUT, timeout))
+                elif operation.kind == "reset_limit":
+                    response = session.post(f"{url}/v1/chat/reset-limit",
+                                            json={"telegram_id": user}, headers=head,
+                                            timeout=(CONNECT_TIMEOUT, timeout))
+                else:
+                    response = session.put(f"{url}/v1/chat/users/{user}/settings",
+                                           json={"daily_limit": operation.value}, headers=head,
+                                           timeout=(CONNECT_TIMEOUT, timeout))
+            except requests.RequestException as error:
+                operation.attempts.append(f"no answer ({type(error).__name__})")
+            else:
+                if response.status_code == 200:
+                    operation.attempts.append("200")
+                    operation.done = True
+                    break
+                operation.attempts.append(f"{response.status_code} {_error_code(response)}")
+                if response.status_code not in RETRIED_STATUSES:
+                    break
+            pause = min(1.0, RETRY_PAUSE * attempt)
+            if time.monotonic() + pause >= give_up_at:
+                break
+            time.sleep(pause)
+    operation.finished = time.monotonic()
+    return operation
+
+
+# --- readiness -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """One ``GET /health/ready``: when (wall clock, as the service's log) and
+    what it said."""
+
+    at: float
+    status: int | None
+    database: str | None = None
+    redis: str | None = None
+    failure: str | None = None
+
+
+def poll_readiness(url: str, stop: threading.Event, interval: float,
+                   found: list[Readiness]) -> None:
+    """Ask /health/ready every ``interval`` seconds until ``stop`` is set."""
+    with requests.Session() as session:
+        while not stop.is_set():
+            at = time.time()
+            try:
+                response = session.get(f"{url}/health/ready", timeout=(CONNECT_TIMEOUT, 10))
+                checks = response.json().get("checks", {})
+                found.append(Readiness(at, response.status_code, checks.get("database"),
+                                       checks.get("redis")))
+            except (requests.RequestException, ValueError, AttributeError) as error:
+                found.append(Readiness(at, None, failure=type(error).__name__))
+            stop.wait(interval)

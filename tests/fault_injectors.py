@@ -9,15 +9,36 @@ production (a row lock held while PostgreSQL restarts, a model failing while
 clients leave). An injection returns whether it really happened (a backend
 to cancel existed, PostgreSQL came back…); ``injected`` counts those.
 
-To add a fault kind (Redis, say): write ``def kill_redis(run, rng) -> bool``
-and add ``Injector("redis_kill", 0, kill_redis)`` to the list in
-``injectors``; a shape's ``faults={"redis_kill": 2, ...}`` then fires it and
-the report counts it, with nothing else to change. What the fault can be
-seen to do goes into the report's effects: counted by the injector
+To add a fault kind: write ``def kill_redis(run, rng) -> bool`` and add
+``Injector("redis_kill", 0, kill_redis)`` to the list in ``injectors``; a
+shape's ``faults={"redis_kill": 2, ...}`` then fires it and the report
+counts it, with nothing else to change. What the fault can be seen to do
+goes into the report's effects: counted by the injector
 (``run.count_effect(name)``) or read after the run in
 ``FaultRun._effects_seen`` (a log, a metric). The target's handles (the
-cluster, the fake model, the admin DSN) are on ``run.target``; a Redis
-handle would join them there.
+cluster, the fake model, the admin DSN, the throwaway Redis) are on
+``run.target``.
+
+Redis (the service's cache; every fault must fall back to PostgreSQL): the
+run's own ``redis-server`` (tests/redis_server.py) is
+
+- killed (SIGKILL) and started again, empty, ``shape.redis_outage`` later;
+- paused (SIGSTOP: connections hang, slower than any REDIS_TIMEOUT) for
+  ``shape.redis_pause``, then resumed (the commands sent meanwhile run then);
+- flushed (FLUSHALL);
+- evicted: a random share of the service's keys (under its REDIS_PREFIX)
+  deleted, each kind of entry alike (limits, contexts, generation tokens,
+  common answers). Chosen over a tiny ``maxmemory`` with ``allkeys-lru``:
+  that evicts all the time rather than at a counted moment, starves the
+  caches for the whole run (few hits left to test), and a server at its
+  limit can refuse a script's writes with OOM, a fault of another kind;
+  deleting keys is what an eviction does to the service (a key gone between
+  two of its commands, a token without its entry, an entry without its
+  token), at a moment and in a number the report can give.
+
+The four take turns (``run.redis_lock``): each one's effects are its own. Each
+notes its window (``run.note_redis_fault``) so that the log lines and the
+readiness answers within it can be attributed after the run.
 """
 
 from __future__ import annotations
@@ -31,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import psycopg2
+import redis as redis_py
 
 from tests.fault_clients import Record, leave_after_first_delta, stop_reading
 
@@ -43,6 +65,10 @@ FAULT_SESSION = "fault_run"
 # How long a cancel or terminate looks for a backend in the middle of a
 # statement (the service's statements take about a millisecond each).
 ACTIVE_SEARCH_SECONDS = 1.0
+# A flush or an eviction waits for at least this many keys of the service
+# (a busy service writes hundreds a second), at most this long.
+REFILL_KEYS = 50
+REFILL_SECONDS = 3.0
 
 
 @dataclass
@@ -207,6 +233,105 @@ def model_chaos(run: FaultRun, rng: random.Random) -> bool:
     return True
 
 
+# --- Redis -------------------------------------------------------------------------
+
+
+def _redis_fault(run: FaultRun, kind: str, action: Callable[[], bool]) -> bool:
+    """``action()`` while no other Redis fault runs, its window noted."""
+    if run.target.redis is None:
+        return False
+    with run.redis_lock:
+        began = time.time()
+        try:
+            happened = action()
+        finally:
+            run.note_redis_fault(kind, began, time.time())
+    return happened
+
+
+def kill_redis(run: FaultRun, rng: random.Random) -> bool:
+    """SIGKILL (every connection reset), started again empty after
+    ``shape.redis_outage`` seconds."""
+    server = run.target.redis
+
+    def action() -> bool:
+        server.kill()
+        try:
+            time.sleep(run.shape.redis_outage)
+        finally:
+            server.start()
+        return True
+
+    return _redis_fault(run, "redis_kill", action)
+
+
+def pause_redis(run: FaultRun, rng: random.Random) -> bool:
+    """SIGSTOP for ``shape.redis_pause`` seconds, then SIGCONT."""
+    server = run.target.redis
+
+    def action() -> bool:
+        server.pause()
+        try:
+            time.sleep(run.shape.redis_pause)
+        finally:
+            server.resume()
+        return True
+
+    return _redis_fault(run, "redis_pause", action)
+
+
+def _service_keys(client: redis_py.Redis, prefix: str) -> list[str]:
+    """The service's keys, once it has written some: a fault that took its
+    turn right after a kill or a flush waits (up to REFILL_SECONDS) for the
+    traffic to fill the empty Redis again, so that it removes something."""
+    give_up_at = time.monotonic() + REFILL_SECONDS
+    while True:
+        keys = sorted(client.scan_iter(match=f"{prefix}*", count=1000))
+        if len(keys) >= REFILL_KEYS or time.monotonic() >= give_up_at:
+            return keys
+        time.sleep(0.1)
+
+
+def _prefix(run: FaultRun) -> str:
+    return run.target.env.get("REDIS_PREFIX", "ai_chat:")
+
+
+def flush_redis(run: FaultRun, rng: random.Random) -> bool:
+    """FLUSHALL: every entry and token gone at once (the scripts stay)."""
+    server = run.target.redis
+
+    def action() -> bool:
+        try:
+            with server.client() as client:
+                keys = len(_service_keys(client, _prefix(run)))
+                client.flushall()
+        except redis_py.RedisError:
+            return False
+        run.count_effect("redis keys flushed", keys)
+        return keys > 0
+
+    return _redis_fault(run, "redis_flushall", action)
+
+
+def evict_redis(run: FaultRun, rng: random.Random) -> bool:
+    """A random share (30-70 %) of the service's keys deleted, as an eviction
+    under memory pressure would (see the module docstring)."""
+    server = run.target.redis
+
+    def action() -> bool:
+        try:
+            with server.client() as client:
+                keys = _service_keys(client, _prefix(run))
+                chosen = rng.sample(keys, round(len(keys) * rng.uniform(0.3, 0.7)))
+                deleted = client.delete(*chosen) if chosen else 0
+        except redis_py.RedisError:
+            return False
+        run.count_effect("redis keys evicted", deleted)
+        return deleted > 0
+
+    return _redis_fault(run, "redis_evict", action)
+
+
 # --- clients ---------------------------------------------------------------------
 
 
@@ -214,8 +339,8 @@ def _fault_client_record(run: FaultRun, role: str, number: int) -> Record:
     user = run.recorder.new_user()
     return run.recorder.add(Record(
         request_id=f"{role}-{number}", role=role, kind="stream", user=user,
-        question=f"Длинный вопрос {role}-{number} продавца {user}", key=None, attempt=1,
-        started=time.monotonic(),
+        question_id=f"{role}-{number}", question=f"Длинный вопрос {role}-{number} продавца {user}",
+        key=None, attempt=1, started=time.monotonic(),
     ))
 
 
@@ -246,6 +371,11 @@ def injectors(counts: Mapping[str, int]) -> list[Injector]:
         Injector("model_chaos", 0, model_chaos),
         Injector("client_leaves", 0, client_leaves),
         Injector("client_stops_reading", 0, client_stops_reading, window=(0.05, 0.7)),
+        # Not near the end either: the service must be seen back after each.
+        Injector("redis_kill", 0, kill_redis, window=(0.05, 0.8)),
+        Injector("redis_pause", 0, pause_redis, window=(0.05, 0.8)),
+        Injector("redis_flushall", 0, flush_redis),
+        Injector("redis_evict", 0, evict_redis),
     ]
     unknown = set(counts) - {kind.name for kind in kinds}
     if unknown:
@@ -253,3 +383,6 @@ def injectors(counts: Mapping[str, int]) -> list[Injector]:
     for kind in kinds:
         kind.planned = counts.get(kind.name, 0)
     return kinds
+
+
+REDIS_FAULTS = ("redis_kill", "redis_pause", "redis_flushall", "redis_evict")

@@ -374,6 +374,18 @@ def test_limit_exceeded_line_has_outcome_limit_exceeded(make_api, capsys):
     assert response.status_code == 429
     line = request_lines(capsys)[-1]
     assert (line["status"], line["outcome"], line["telegram_id"]) == (429, "limit_exceeded", 1)
+    assert line["refused_by"] == "postgresql"
+
+
+def test_a_refusal_from_redis_says_so_in_its_line(make_api, redis_env, capsys):
+    api = make_api(LOG_LEVEL="INFO", DAILY_LIMIT="1", **redis_env)
+    assert api.send().status_code == 200  # its count (1 of 1) is written to Redis
+
+    response = api.send()
+
+    assert response.status_code == 429
+    line = request_lines(capsys)[-1]
+    assert (line["outcome"], line["refused_by"]) == ("limit_exceeded", "redis")
 
 
 @pytest.mark.parametrize(

@@ -227,7 +227,7 @@ class Exchange:
         self.watch.lap("quota")
         if refused is not None:
             usage, self.day = refused
-            self._refuse(usage)
+            self._refuse(usage, "redis")
         reservation = self.reservation
         # The counter's day, when this instance's clock is behind it.
         self.day = reservation.day
@@ -237,7 +237,7 @@ class Exchange:
         })
         if not reservation.granted:
             self._release_key()
-            self._refuse(reservation.usage, reservation.spend)
+            self._refuse(reservation.usage, "postgresql", reservation.spend)
         metrics.QUOTA_RESERVATIONS.inc()
         # From here on the unit is taken (autocommit): any failure gives it back.
         try:
@@ -297,9 +297,12 @@ class Exchange:
         self.cache.write_context(command.telegram_id, self.view.gen, context)
         return context
 
-    def _refuse(self, usage: Usage, spend: quota.Spend | None = None):
+    def _refuse(self, usage: Usage, by: str, spend: quota.Spend | None = None):
+        """Raise the 429 of the daily limit or of the spend cap; ``by`` ("redis"
+        or "postgresql") goes into the request's log line: which of the two
+        knew the user was at the limit."""
         metrics.QUOTA_REJECTIONS.labels("spend" if spend else "daily").inc()
-        annotate(outcome="spend_limit_exceeded" if spend else "limit_exceeded")
+        annotate(outcome="spend_limit_exceeded" if spend else "limit_exceeded", refused_by=by)
         raise self._limit_exceeded(usage, spend)
 
     def claim_ttl(self) -> float:
