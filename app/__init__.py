@@ -11,7 +11,7 @@ from flask import Flask, send_from_directory
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-__version__ = "1.0.0"
+__version__ = "1.2.0"
 
 
 def create_app(overrides: dict | None = None) -> Flask:

@@ -62,15 +62,17 @@ PostgreSQL answers; ``read_user`` creates fresh tokens, which no write in
 flight holds, so those writes are dropped. Scripts are called with EVALSHA
 and re-sent with EVAL on NOSCRIPT (a restart or SCRIPT FLUSH forgets them).
 
-An invalidation that fails (Redis unreachable from this process) is kept in
-memory and replayed before anything else this process asks Redis once it is
-reachable again, so this process never reads the stale entry; so is a
-failed ``write_limits`` or ``append_context``, which leaves a stale entry
-behind. Another process that reaches Redis while this one cannot could
-still read it, for at most the entry's TTL: ``LIMITS_TTL`` (60 s) for
-limits, ``CONTEXT_TTL`` for contexts, which is kept to an hour for that
-reason (a seller's conversation is minutes long; a colder context costs one
-PostgreSQL read).
+An invalidation is sent even while this process thinks Redis is down (the
+others may reach it, and must not serve a refusal after a refund): it is
+rare, and bounded by ``REDIS_TIMEOUT``. One that fails all the same (Redis
+unreachable from this process) is kept in memory and replayed before
+anything else this process asks Redis once it is reachable again; so is a
+failed or skipped ``write_limits`` or ``append_context``. A context that
+missed an append is caught by its reader anyway: the reservation returns
+the ids of the user's newest exchanges, and a copy that does not hold
+exactly those is not used (app/chat/send.py). A limits entry that missed a
+write counts fewer answers than PostgreSQL (never more: it cannot refuse
+wrongly), for at most ``LIMITS_TTL`` (60 s).
 
 Processes
 ---------
@@ -513,7 +515,11 @@ class Cache:
         if not self.configured:
             return False
         try:
-            self._run(lambda client: self._invalidate(client, [telegram_id]))
+            # Tried even while this process thinks Redis is down: another
+            # process that reaches it must not serve what this change made
+            # stale (a refusal after a refund). Rare, and bounded by
+            # REDIS_TIMEOUT like any call.
+            self._run(lambda client: self._invalidate(client, [telegram_id]), force=True)
             return True
         except _Fallback:
             self._remember_invalidation(telegram_id)
@@ -586,10 +592,10 @@ class Cache:
 
     # --- the fault machinery --------------------------------------------------------
 
-    def _run(self, operation: Callable[[redis.Redis], T]) -> T:
+    def _run(self, operation: Callable[[redis.Redis], T], force: bool = False) -> T:
         """``operation(client)``, or _Fallback when Redis is down (skipped
-        until the next probe) or failed (then marked down)."""
-        client, probing = self._client_for_call()
+        until the next probe, unless ``force``) or failed (then marked down)."""
+        client, probing = self._client_for_call(force)
         try:
             if self._pending:
                 self._replay_invalidations(client)
@@ -629,9 +635,10 @@ class Cache:
                 self._remember_invalidation(user)
             return False
 
-    def _client_for_call(self) -> tuple[redis.Redis, bool]:
+    def _client_for_call(self, force: bool = False) -> tuple[redis.Redis, bool]:
         """This process's client and whether this call is the probe of a down
-        Redis; _Fallback while down and the retry interval has not passed."""
+        Redis; _Fallback while down and the retry interval has not passed
+        (a ``force``d call is tried anyway, as a probe)."""
         if self._pid != os.getpid():
             self._start_process()
         if self._down_since is None:
@@ -640,7 +647,7 @@ class Cache:
             if self._down_since is None:
                 return self._client, False
             now = self._clock()
-            if now < self._retry_at:
+            if now < self._retry_at and not force:
                 raise _Fallback()
             # This call is the probe; the others keep skipping until it ends.
             self._retry_at = now + self.retry_interval

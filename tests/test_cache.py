@@ -643,6 +643,25 @@ def test_an_invalidation_missed_while_down_is_replayed_before_the_next_read(
     assert after.limits is None
 
 
+def test_an_invalidation_is_sent_even_while_this_process_thinks_redis_is_down(
+    down_cache, make_cache, throwaway_redis
+):
+    """Another process that reaches Redis must not read what a refund made
+    stale, however long this one still takes Redis for down."""
+    other = make_cache(throwaway_redis.url, retry_interval=60)
+    view = other.read_user(1)
+    other.write_limits(1, view.gen, LIMITS)
+    throwaway_redis.pause()
+    try:
+        other.read_user(1)  # times out: this process now takes Redis for down
+    finally:
+        throwaway_redis.resume()
+
+    assert other.invalidate_user(1) is True  # within the 60 s it would skip calls
+
+    assert down_cache.read_user(1).limits is None
+
+
 def test_an_append_lost_while_down_drops_the_context_once_redis_answers(
     down_cache, throwaway_redis
 ):

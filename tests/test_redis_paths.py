@@ -218,6 +218,23 @@ def test_a_refusal_is_never_served_after_the_quota_changed(
         assert answered(api.send(1, message="Ещё вопрос"))
 
 
+def test_a_copy_of_the_context_that_missed_an_exchange_is_not_used(redis_api, fake_llm, sql):
+    """An append to Redis skipped (this process took Redis for down) while the
+    exchange was saved: the next prompt holds it all the same."""
+    api = redis_api()
+    answered(api.send(1, message="Первый вопрос"))
+    sql("INSERT INTO ai_chat_requests (telegram_id, message, response, tokens_used, "
+        "request_date, created_at) VALUES (1, 'Сохранён мимо Redis', 'Ответ', 1, "
+        "current_date, now())")
+
+    answered(api.send(1, message="Третий вопрос"))
+    answered(api.send(1, message="Четвёртый вопрос"))
+
+    for request in fake_llm.requests[1:]:
+        users = [m["content"] for m in request["body"]["messages"] if m["role"] == "user"]
+        assert "Сохранён мимо Redis" in users
+
+
 def test_a_deleted_history_never_comes_back_from_redis(redis_api, fake_llm):
     api = redis_api()
     answered(api.send(1, message="Старый вопрос"))

@@ -182,6 +182,20 @@ def test_a_users_own_spend_cap_is_set_by_the_admin_and_applies_at_once(priced, f
     assert api.send(2).status_code == 200  # another seller: no cap
 
 
+@pytest.mark.parametrize("history", ["new user", "answered yesterday"])
+def test_a_spend_cap_of_zero_answers_nothing(priced, fake_llm, sql, history):
+    api = priced(DAILY_SPEND_LIMIT="0")
+    if history == "answered yesterday":
+        sql("INSERT INTO ai_chat_daily_limits (telegram_id, request_count, last_reset_date, "
+            "created_at, spend, spend_reserved) VALUES (1, 4, current_date - 1, now(), 1, 0)")
+
+    refused = api.send(1)
+
+    assert refused.status_code == 429
+    assert refused.get_json()["error"] == "daily_spend_limit_exceeded"
+    assert fake_llm.calls == 0
+
+
 def test_summaries_count_against_the_spend_of_the_day(make_app, fake_llm, sql):
     from app.chat import memory
 
@@ -253,9 +267,12 @@ def test_the_report_by_user_is_paged_most_expensive_first(billed):
     first_page = report(billed, group_by="user", limit=1).get_json()
     second_page = report(billed, group_by="user", limit=1, offset=1).get_json()
 
-    assert first_page["groups"] == second_page["groups"] == 2
+    past_the_end = report(billed, group_by="user", limit=1, offset=2).get_json()
+
+    assert first_page["groups"] == second_page["groups"] == past_the_end["groups"] == 2
     assert [row["key"] for row in first_page["rows"] + second_page["rows"]] == [1, 2]
-    assert first_page["total"] == second_page["total"]
+    assert first_page["total"] == second_page["total"] == past_the_end["total"]
+    assert past_the_end["rows"] == []
 
 
 @pytest.mark.parametrize(

@@ -349,7 +349,8 @@ def read(telegram_id: int) -> dict:
         "telegram_id": telegram_id,
         "summary": summary,
         "covers_until": covers_until,
-        "updated_at": _aware(updated_at),
+        # The row exists from a first fold's start; the summary's time is its store's.
+        "updated_at": _aware(updated_at) if summary is not None else None,
     }
 
 

@@ -31,11 +31,15 @@ from app.sql import Connection, Statement, as_date, run
 # WHERE fails (cap reached) nothing is written and no row comes back: that
 # absence *is* the 429. The row lock taken by ON CONFLICT makes concurrent
 # reservations queue up and re-check the WHERE against the committed count,
-# so no interleaving can grant more than the cap.
+# so no interleaving can grant more than the cap. The spend cap is checked
+# the same way, against the day's spend plus the estimates held by answers in
+# flight (0 on a new day); a cap of 0 refuses even a user without a row yet
+# (the row to insert is not even proposed).
 _UPSERT = """
     INSERT INTO ai_chat_daily_limits AS l (telegram_id, request_count, last_reset_date,
         created_at, updated_at, spend, spend_reserved)
-    VALUES (:telegram_id, 1, :today, :now, :now, 0, CAST(:estimate AS NUMERIC))
+    SELECT :telegram_id, 1, :today, :now, :now, 0, CAST(:estimate AS NUMERIC)
+    WHERE {spend_limit} IS NULL OR {spend_limit} > 0
     ON CONFLICT (telegram_id) DO UPDATE SET
         request_count = CASE WHEN l.last_reset_date >= :today
                              THEN l.request_count + 1 ELSE 1 END,
@@ -45,10 +49,10 @@ _UPSERT = """
                               ELSE CAST(:estimate AS NUMERIC) END,
         last_reset_date = {latest},
         updated_at = :now
-    WHERE l.last_reset_date < :today
-       OR (({limit} = 0 OR l.request_count < {limit})
-           AND ({spend_limit} IS NULL
-                OR COALESCE(l.spend, 0) + COALESCE(l.spend_reserved, 0) < {spend_limit}))
+    WHERE (l.last_reset_date < :today OR {limit} = 0 OR l.request_count < {limit})
+      AND ({spend_limit} IS NULL
+           OR CASE WHEN l.last_reset_date < :today THEN 0
+                   ELSE COALESCE(l.spend, 0) + COALESCE(l.spend_reserved, 0) END < {spend_limit})
 """
 USER_LIMIT_SQL = (
     "COALESCE((SELECT daily_limit FROM ai_chat_user_settings "
@@ -94,6 +98,9 @@ _RESERVE_PG = Statement(
            CASE WHEN r.request_count IS NULL THEN
                (SELECT spend FROM ai_chat_daily_limits WHERE telegram_id = :telegram_id) END,
            m.summary, m.covers_until, f.id,
+           CASE WHEN :newest > 0 AND r.request_count IS NOT NULL THEN
+               ARRAY(SELECT id FROM ai_chat_requests WHERE telegram_id = :telegram_id
+                     ORDER BY id DESC LIMIT :newest) END,
            c.id, c.message, c.response
     FROM quota AS q
     LEFT JOIN reserved AS r ON TRUE
@@ -233,6 +240,9 @@ class Reservation:
     # A refusal by the spend cap (the count was under its limit): the cap and
     # what was spent that day.
     spend: Spend | None = None
+    # The ids of the user's newest exchanges, newest first, when asked for
+    # (None: not asked, or SQLite, where ``recent_ids`` reads them).
+    newest: list[int] | None = None
 
     @property
     def granted(self) -> bool:
@@ -260,15 +270,16 @@ class Limits:
 
 def reserve(
     conn: Connection, telegram_id: int, day: Day, defaults: Limits, context: int,
-    fold_offset: int | None = None,
+    fold_offset: int | None = None, newest: int = 0,
 ) -> Reservation:
     """Take one unit of the user's quota in one statement (committed at once),
     with the user's own limits (else ``defaults``): the daily limit of answers
     and the spend cap, on which the unit also holds ``defaults.estimate``.
 
     Also returns the user's preferred model and, when granted, their last
-    ``context`` exchanges oldest first and, unless ``fold_offset`` is None
-    (no summaries), their memory (same round trip; on PostgreSQL only).
+    ``context`` exchanges oldest first, the ids of their ``newest`` exchanges
+    (to check a copy of the context against) and, unless ``fold_offset`` is
+    None (no summaries), their memory (same round trip; on PostgreSQL only).
     """
     params = {
         "telegram_id": telegram_id,
@@ -280,6 +291,7 @@ def reserve(
         "context": context,
         "memory": fold_offset is not None,
         "fold_offset": fold_offset or 0,
+        "newest": newest,
     }
     if conn.dialect_name == "postgresql":
         rows = conn.run(_RESERVE_PG, params)
@@ -288,10 +300,10 @@ def reserve(
             return _refusal(limit, refused_count, day.at_least(refused_on), preferred,
                             *rows[0][6:8])
         memory = Memory(*rows[0][8:11]) if fold_offset is not None else Memory()
-        exchanges = [row[11:14] for row in reversed(rows) if row[11] is not None]
+        exchanges = [row[12:15] for row in reversed(rows) if row[12] is not None]
         return Reservation(
             Usage(limit, count), day.at_least(counted_on), counted_on, preferred, exchanges,
-            memory,
+            memory, newest=rows[0][11],
         )
     rows = conn.run(_RESERVE_SQLITE, params)
     if not rows:
@@ -308,6 +320,18 @@ def reserve(
     return Reservation(
         Usage(limit, count), day.at_least(counted_on), counted_on, preferred, None, None
     )
+
+
+_RECENT_IDS = Statement(
+    "SELECT id FROM ai_chat_requests WHERE telegram_id = :telegram_id "
+    "ORDER BY id DESC LIMIT :count"
+)
+
+
+def recent_ids(conn: Connection, telegram_id: int, count: int) -> list[int]:
+    """The ids of the user's newest ``count`` exchanges, newest first."""
+    return [row[0] for row in conn.run(_RECENT_IDS, {"telegram_id": telegram_id,
+                                                      "count": count})]
 
 
 def recent_exchanges(conn: Connection, telegram_id: int, count: int) -> list[tuple]:

@@ -216,6 +216,8 @@ class Exchange:
                         quota.Limits(default_limit, config["DAILY_SPEND_LIMIT"], self.estimate),
                         0 if self.view.context is not None else config["CONTEXT_MESSAGES"],
                         memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None,
+                        # Only the ids, to check Redis's copy against.
+                        config["CONTEXT_MESSAGES"] if self.view.context is not None else 0,
                     )
             except BaseException as error:
                 failure = error
@@ -278,24 +280,36 @@ class Exchange:
 
     def _context(self) -> list[tuple]:
         """The past exchanges (id, message, response), oldest first: Redis's
-        copy, else what the reservation read (then copied to Redis); on
-        SQLite, what a statement of their own reads, with the memory."""
+        copy when it holds exactly the user's newest exchanges (their ids came
+        with the reservation), else what the reservation read (then copied to
+        Redis); on SQLite, what statements of their own read, with the memory."""
         command, config = self.command, self.config
-        context = self.reservation.context
+        cached, context = self.view.context, self.reservation.context
+        newest = self.reservation.newest
         if context is None:  # SQLite: read after the reservation
             with sql.connection() as conn:
-                if self.view.context is None:
+                if cached is None:
                     context = quota.recent_exchanges(
                         conn, command.telegram_id, config["CONTEXT_MESSAGES"]
                     )
+                else:
+                    newest = quota.recent_ids(conn, command.telegram_id,
+                                              config["CONTEXT_MESSAGES"])
                 if config["SUMMARY_ENABLED"]:
                     self.reservation = replace(self.reservation, memory=memory.read_memory(
                         conn, command.telegram_id, memory.fold_offset(config)
                     ))
-        if self.view.context is not None:
-            return [tuple(exchange) for exchange in self.view.context]
-        self.cache.write_context(command.telegram_id, self.view.gen, context)
-        return context
+        if cached is None:
+            self.cache.write_context(command.telegram_id, self.view.gen, context)
+            return context
+        if [exchange[0] for exchange in reversed(cached)] == newest:
+            return [tuple(exchange) for exchange in cached]
+        # Redis's copy missed a change (an append skipped while this or
+        # another process could not reach Redis): PostgreSQL's, and the copy
+        # goes, so that the next send populates it afresh.
+        self.cache.invalidate_user(command.telegram_id)
+        with sql.connection() as conn:
+            return quota.recent_exchanges(conn, command.telegram_id, config["CONTEXT_MESSAGES"])
 
     def _refuse(self, usage: Usage, by: str, spend: quota.Spend | None = None):
         """Raise the 429 of the daily limit or of the spend cap; ``by`` ("redis"

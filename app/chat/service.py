@@ -226,24 +226,19 @@ def update_user_settings(telegram_id: int, changes: dict) -> dict:
 # every model call with its purpose (an answer, a tool round, a summary), so
 # money spent without an answer is counted too. Answers are the calls whose
 # purpose is "answer" (one per answer given, a cached one included). The
-# window aggregates give the number of groups (for paging) and the totals in
-# the same round trip.
+# totals and the number of groups (for paging) come in the same round trip,
+# on every row of the page, and on one row of NULLs past the last page.
 _USAGE_KEYS = {"day": "usage_date", "model": "model", "user": "telegram_id"}
 _USAGE_ORDER = {
-    "day": "key",
-    "model": "cost DESC NULLS LAST, answers DESC, key",
-    "user": "cost DESC NULLS LAST, answers DESC, key",
+    "day": "page.key",
+    "model": "page.cost DESC NULLS LAST, page.answers DESC, page.key",
+    "user": "page.cost DESC NULLS LAST, page.answers DESC, page.key",
 }
 
 
 def _usage_statement(group_by: str) -> sql.Statement:
-    order = _USAGE_ORDER[group_by]
-    text = f"""
-        SELECT key, answers, prompt_tokens, completion_tokens, cost,
-               count(*) OVER () AS groups,
-               sum(answers) OVER (), sum(prompt_tokens) OVER (),
-               sum(completion_tokens) OVER (), sum(cost) OVER ()
-        FROM (
+    return sql.Statement(f"""
+        WITH grouped AS (
             SELECT {_USAGE_KEYS[group_by]} AS key,
                    sum(CASE WHEN purpose = 'answer' THEN 1 ELSE 0 END) AS answers,
                    sum(prompt_tokens) AS prompt_tokens,
@@ -252,11 +247,21 @@ def _usage_statement(group_by: str) -> sql.Statement:
             FROM ai_chat_llm_calls
             WHERE usage_date BETWEEN :first AND :last
             GROUP BY {_USAGE_KEYS[group_by]}
-        ) AS grouped
-        ORDER BY {order}
-        LIMIT :limit OFFSET :offset
-    """
-    return sql.Statement(text)
+        ), totals AS (
+            SELECT count(*) AS groups, sum(answers) AS answers,
+                   sum(prompt_tokens) AS prompt_tokens,
+                   sum(completion_tokens) AS completion_tokens, sum(cost) AS cost
+            FROM grouped
+        )
+        SELECT page.key, page.answers, page.prompt_tokens, page.completion_tokens, page.cost,
+               totals.groups, totals.answers, totals.prompt_tokens,
+               totals.completion_tokens, totals.cost
+        FROM totals LEFT JOIN (
+            SELECT * FROM grouped AS page ORDER BY {_USAGE_ORDER[group_by]}
+            LIMIT :limit OFFSET :offset
+        ) AS page ON TRUE
+        ORDER BY {_USAGE_ORDER[group_by]}
+    """)
 
 
 USAGE = {group_by: _usage_statement(group_by) for group_by in _USAGE_KEYS}
@@ -268,7 +273,8 @@ def usage(first: date, last: date, group_by: str, limit: int, offset: int) -> di
     in date order); a page of ``limit`` groups from ``offset``."""
     rows = sql.run(USAGE[group_by], {"first": first, "last": last, "limit": limit,
                                      "offset": offset})
-    totals = rows[0][6:] if rows else (0, 0, 0, None)
+    groups, *totals = rows[0][5:]
+    page = [row[:5] for row in rows if row[1] is not None]
     return {
         "first": first,
         "last": last,
@@ -276,10 +282,10 @@ def usage(first: date, last: date, group_by: str, limit: int, offset: int) -> di
         "currency": current_app.config["PRICE_CURRENCY"],
         "rows": [
             {"key": _usage_key(group_by, key), **_usage_figures(*figures)}
-            for key, *figures in (row[:5] for row in rows)
+            for key, *figures in page
         ],
         "total": _usage_figures(*totals),
-        "groups": rows[0][5] if rows else 0,
+        "groups": groups,
         "limit": limit,
         "offset": offset,
     }

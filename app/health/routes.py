@@ -23,7 +23,7 @@ blp = Blueprint("health", __name__, url_prefix="/health", description="Probes")
 class LivenessResponse(ma.Schema):
     status = ma.fields.String(required=True, metadata={"example": "ok"})
     service = ma.fields.String(required=True, metadata={"example": "ai_chat"})
-    version = ma.fields.String(required=True, metadata={"example": "1.0.0"})
+    version = ma.fields.String(required=True, metadata={"example": "1.2.0"})
 
 
 class ReadinessResponse(ma.Schema):
