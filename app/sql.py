@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import select
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -140,20 +141,32 @@ class Connection:
 
 
 @contextmanager
-def connection() -> Iterator[Connection]:
+def connection(wait_until: float | None = None) -> Iterator[Connection]:
     """Check a connection out of the app's pool for a few statements.
 
+    A pool whose every connection stays busy for ``pool_timeout`` is asked
+    again until ``wait_until`` (time.monotonic()), when given: on a starved
+    CPU the threads that hold connections wait for the interpreter lock, and
+    a busy pool is no reason to refuse a request that still has time.
+
     Raises the SQLAlchemy errors of an outage: TimeoutError (every pooled
-    connection busy past ``pool_timeout``), OperationalError (server gone).
+    connection busy past ``pool_timeout``, and ``wait_until``), OperationalError
+    (server gone).
     """
     engine = db.engine
     dialect = engine.dialect
-    try:
-        pooled = engine.raw_connection()
-    except dialect.loaded_dbapi.Error as error:
-        raise sa_exc.DBAPIError.instance(
-            None, None, error, dialect.loaded_dbapi.Error, hide_parameters=True, dialect=dialect
-        ) from error
+    while True:
+        try:
+            pooled = engine.raw_connection()
+            break
+        except sa_exc.TimeoutError:
+            if wait_until is None or time.monotonic() >= wait_until:
+                raise
+        except dialect.loaded_dbapi.Error as error:
+            raise sa_exc.DBAPIError.instance(
+                None, None, error, dialect.loaded_dbapi.Error, hide_parameters=True,
+                dialect=dialect,
+            ) from error
     conn = Connection(pooled, dialect, current_app.config["SQL_TIMEOUTS"])
     try:
         yield conn

@@ -367,6 +367,25 @@ def test_failed_answer_is_refunded_after_the_only_pooled_connection_comes_back(
     assert exchange_count(sql) == 0
 
 
+def test_a_send_that_finds_the_pool_busy_waits_for_it_and_is_answered(make_app, fake_llm, sql):
+    """A busy pool before the reservation (a starved CPU) is waited for while
+    the request could still be admitted: no 503 for a request with time."""
+    app = make_app(**ONE_CONNECTION)
+    with app.app_context():
+        raw = db.engine.raw_connection()
+    with served(app) as url, ThreadPoolExecutor(max_workers=1) as pool:
+        send = pool.submit(post_send, url, 1)
+        try:
+            time.sleep(1.0)  # five times DB_POOL_TIMEOUT
+            assert not send.done(), "the send did not wait for the pool"
+        finally:
+            raw.close()
+        send_status, _ = send.result(timeout=30)
+
+    assert send_status == 200
+    assert request_count(sql) == 1
+
+
 # --- 5. the quota day never goes backwards ------------------------------------------
 
 

@@ -189,7 +189,11 @@ class Exchange:
         self.view = self.cache.read_user(command.telegram_id)
         refused = self._refused_by_cache()
         failure = None
-        with sql.connection() as conn:
+        # A busy pool is waited for as long as admission would still let the
+        # request in: it has time for an answer until then.
+        admitted_until = (command.deadline.at - WRITE_RESERVE_SECONDS
+                          - config["MIN_ANSWER_SECONDS"])
+        with sql.connection(wait_until=admitted_until) as conn:
             if command.request_id and refused is not None:
                 # A retry of an answered request gets its answer, limit or not.
                 stored = idempotency.answer_of_key(
