@@ -137,6 +137,11 @@ def _v12_console(f: Figures) -> str:
     burner = f.core_share("burner")
     if burner:
         parts.append(f"burner {burner * 100:.0f}%")
+    redis = [(use, targets.redis_hit_share(f, use)) for use in ("limits", "context", "answer")]
+    redis = [f"{use} {share * 100:.0f}%" for use, share in redis if share is not None]
+    if redis:
+        fallbacks = f.metric("ai_chat_redis_requests_total", outcome="fallback")
+        parts.append(f"Redis hits {', '.join(redis)} (fallbacks {fallbacks:.0f})")
     if f.cpu_ms_per_answer.get("postgres") is not None:
         parts.append(f"PG CPU {f.cpu_ms_per_answer['postgres']:.2f} ms/answer")
     return ("  " + "  ".join(parts)) if parts else ""
@@ -321,9 +326,9 @@ def _v12_tables(measured) -> list[str]:
         "",
         "| scenario | round | answers/s | p50 / p99 ms | quota p50 / p99 ms "
         "| save p99 ms | refused | hits (p50 / p99 ms) | tool round p50 / p99 ms "
-        "| own ms | summary calls / 100 answers | errors | gunicorn CPU | PostgreSQL CPU "
-        "| machine busy / other | burner % |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| own ms | summary calls / 100 answers | Redis context hits % (fallbacks) | errors "
+        "| gunicorn CPU | PostgreSQL CPU | machine busy / other | burner % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for name in names:
         for number, f in enumerate(measured[name].repeats, 1):
@@ -337,7 +342,7 @@ def _v12_tables(measured) -> list[str]:
                 f"| {name} | {number} | {f.answers_per_s:.1f} | {_pair(f.p50, f.p99, 0)} "
                 f"| {_pair(f.phases_p50.get('quota'), f.phases_p99.get('quota'))} "
                 f"| {_fmt(f.phases_p99.get('save'))} | {f.refused or '–'} | {hits} "
-                f"| {rounds} | {_fmt(own, 2)} | {_fmt(calls)} | {_errors(f)} "
+                f"| {rounds} | {_fmt(own, 2)} | {_fmt(calls)} | {_redis(f)} | {_errors(f)} "
                 f"| {_fmt(f.cpu_ms_per_answer.get('service'), 2)} "
                 f"| {_fmt(f.cpu_ms_per_answer.get('postgres'), 2)} "
                 f"| {_fmt((f.machine_busy or 0) * 100, 0)}% / "
@@ -345,6 +350,14 @@ def _v12_tables(measured) -> list[str]:
                 f"| {_fmt(None if burner is None else burner * 100, 0)} |"
             )
     return lines
+
+
+def _redis(f: Figures) -> str:
+    share = targets.redis_hit_share(f, "context")
+    if share is None:
+        return "–"
+    fallbacks = f.metric("ai_chat_redis_requests_total", outcome="fallback")
+    return f"{share * 100:.0f} ({fallbacks:.0f})"
 
 
 def _median_of(m, key):

@@ -311,6 +311,7 @@ def _repeat(runner: Runner, measured: dict, settings: dict, rounds: int) -> None
     """More rounds of the pairs measured in full, into each one's ``repeats``."""
     pairs = [*scenarios.PAIRS, *((first, second) for first, second, _ in scenarios.V12_PAIRS)]
     names = {name for pair in pairs if all(n in measured for n in pair) for name in pair}
+    names |= {name for name in scenarios.ALONE_IN_ROUNDS if name in measured}
     again = [s for s in scenarios.PLAN if s.name in names]
     for number in range(2, rounds + 1):
         if not again:

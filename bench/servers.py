@@ -360,12 +360,15 @@ class BenchDatabase:
                    limit: int, today: date) -> float:
         """Returning users ``first_id`` … ``first_id + users - 1``: ``history``
         exchanges each (yesterday's, interleaved as real traffic leaves them),
-        no summary yet; the first ``at_limit`` share of them with a daily limit
-        of their own (``limit``) already used up ``today``. Also empties the
-        summaries and user settings a previous scenario left. Returns the
-        seconds it took."""
+        with a summary of the older ones (when there are 10 or more); an
+        ``at_limit`` share of them, spread evenly over the pool (the load
+        generator walks it in order), with a daily limit of their own
+        (``limit``) already used up ``today``. Also empties the summaries and
+        user settings a previous scenario left. Returns the seconds it took."""
         started = time.perf_counter()
-        limited = int(users * at_limit)
+        # User n is limited when n * at_limit crosses an integer: every 5th at 0.2.
+        limited = [first_id + n for n in range(users)
+                   if int((n + 1) * at_limit) > int(n * at_limit)]
         with closing(admin_connection(self.name)) as connection, connection.cursor() as cursor:
             cursor.execute("TRUNCATE ai_chat_summaries, ai_chat_user_settings")
             cursor.execute("SET synchronous_commit = off")
@@ -384,15 +387,19 @@ class BenchDatabase:
                      "message": HISTORY_MESSAGE, "response": HISTORY_RESPONSE},
                 )
             if history >= SUMMARY_OFFSET + 5:
-                # A summary of all but the newest 5 to 9 exchanges, so a fold falls
-                # due after 1 to 5 more answers, staggered over the users.
+                # A summary of all but the newest 5 to 9 exchanges: a fold falls
+                # due at a user's 1st to 5th answer (app/chat/memory.py
+                # fold_offset), staggered over the users (user n: the
+                # (n + 1) % 5 + 5 newest left out, so the users at their limit,
+                # every 5th, are the ones whose fold would come last).
                 cursor.execute(
                     """
                     INSERT INTO ai_chat_summaries (telegram_id, summary, covers_until,
                         failures, updated_at)
                     SELECT u, %(summary)s, (
                         SELECT id FROM ai_chat_requests WHERE telegram_id = u
-                        ORDER BY id DESC OFFSET %(offset)s + u %% 5 LIMIT 1), 0, now()
+                        ORDER BY id DESC OFFSET %(offset)s + (u - %(first)s + 1) %% 5 LIMIT 1),
+                        0, now()
                     FROM generate_series(%(first)s, %(first)s + %(users)s - 1) AS u
                     """,
                     {"first": first_id, "users": users, "summary": HISTORY_SUMMARY,
@@ -402,19 +409,18 @@ class BenchDatabase:
                 cursor.execute(
                     """
                     INSERT INTO ai_chat_user_settings (telegram_id, daily_limit, updated_at)
-                    SELECT %(first)s + n, %(limit)s, now()
-                    FROM generate_series(0, %(limited)s - 1) AS n
+                    SELECT u, %(limit)s, now() FROM unnest(%(limited)s::bigint[]) AS u
                     """,
-                    {"first": first_id, "limit": limit, "limited": limited},
+                    {"limit": limit, "limited": limited},
                 )
                 cursor.execute(
                     """
                     INSERT INTO ai_chat_daily_limits (telegram_id, request_count,
                         last_reset_date, created_at, updated_at)
-                    SELECT %(first)s + n, %(limit)s, %(today)s, now(), now()
-                    FROM generate_series(0, %(limited)s - 1) AS n
+                    SELECT u, %(limit)s, %(today)s, now(), now()
+                    FROM unnest(%(limited)s::bigint[]) AS u
                     """,
-                    {"first": first_id, "limit": limit, "limited": limited, "today": today},
+                    {"limit": limit, "limited": limited, "today": today},
                 )
             cursor.execute("ANALYZE")
         return time.perf_counter() - started

@@ -289,6 +289,14 @@ def own_outside_ms(f: Figures) -> float | None:
     return (total - model) / count * 1000 - main
 
 
+def redis_hit_share(f: Figures, use: str) -> float | None:
+    """Hits of one Redis use (limits, context, answer) as a share of its lookups."""
+    outcomes = {o: f.metric("ai_chat_redis_requests_total", use=use, outcome=o)
+                for o in ("hit", "miss", "fallback")}
+    total = sum(outcomes.values())
+    return outcomes["hit"] / total if total else None
+
+
 def summary_calls(f: Figures) -> float:
     """The summary model calls of the window (folds that called the model)."""
     return sum(f.metric("ai_chat_summary_folds_total", outcome=outcome)
@@ -384,9 +392,11 @@ def v12_lines(measured) -> list[str]:
             f"p99 {text}; hit rate {rate}; model calls saved {_list(saved)} /s; errors: "
             f"{'; '.join(errors_text(r) for r in m.repeats)})"
         )
-    for base in ("fast-50-users", "slow-200-users"):
-        pairs = _rounds(measured, f"{base}-redis", base)
-        head = f"- {base} with Redis against without"
+    for base, suffix in (("fast-50-users", "-redis"), ("slow-200-users", "-redis"),
+                         ("fast-50-users", "-redis500"), ("slow-200-users", "-redis500")):
+        pairs = _rounds(measured, f"{base}{suffix}", base)
+        head = f"- {base} with Redis against without" + (
+            " (REDIS_TIMEOUT=0.5, not the default)" if suffix == "-redis500" else "")
         if not pairs:
             lines.append(f"{head}: {verdict(None)}")
             continue
@@ -395,11 +405,16 @@ def v12_lines(measured) -> list[str]:
             values = [(r.cpu_ms_per_answer.get(group), b.cpu_ms_per_answer.get(group))
                       for r, b in pairs]
             ratios_ = [a / b for a, b in values if a is not None and b]
+            context = [redis_hit_share(r, "context") for r, _ in pairs]
+            fallbacks = [sum(r.metric("ai_chat_redis_requests_total", use=u, outcome="fallback")
+                             for u in ("limits", "context")) for r, _ in pairs]
             lines.append(
                 f"{head}: {what} CPU per answer <= {limit}x — "
                 f"{verdict(median(ratios_) <= limit if ratios_ else None)} "
                 f"({rounds_text(ratios_)}; {_list([a for a, _ in values], 2)} vs "
-                f"{_list([b for _, b in values], 2)} ms)"
+                f"{_list([b for _, b in values], 2)} ms; Redis context hits "
+                f"{_list([None if c is None else c * 100 for c in context], 0)} %, "
+                f"fallbacks {_list(fallbacks, 0)})"
             )
     # 4. Memory.
     for base in ("fast-50-users", "slow-200-users"):
