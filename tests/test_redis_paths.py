@@ -59,7 +59,9 @@ def test_a_common_first_question_is_answered_from_the_cache_without_the_model(
     assert second["tokens_used"] == 0 and second["model"] == "gpt-4o-mini"
     # A normal answer otherwise: a unit spent, saved in history.
     assert request_count(sql, 2) == 1 and exchange_count(sql, 2) == 1
-    assert sql("SELECT count(*) FROM ai_chat_llm_calls WHERE telegram_id = 2")[0][0] == 0
+    # The spend report counts it as an answer, at no cost (no model call was made).
+    assert sql("SELECT purpose, prompt_tokens + completion_tokens, cost FROM ai_chat_llm_calls "
+               "WHERE telegram_id = 2") == [("answer", 0, 0)]
 
 
 def test_questions_that_differ_in_one_number_never_share_an_answer(redis_api, fake_llm):
