@@ -174,9 +174,13 @@ class SettingsUpdate(Schema):
         places=8,
         allow_nan=False,
         validate=validate.Range(0, 10**9),
+        # The bounds as numbers: apispec serialises a Decimal field's Range
+        # through the field, and the JSON of a Decimal is a string, which no
+        # OpenAPI ``maximum`` may be (these metadata override it).
         metadata={"description": "Money a day for this user in PRICE_CURRENCY (its answers, "
                                  "tool rounds and summaries); null = DAILY_SPEND_LIMIT. Needs "
-                                 "ADMIN_API_KEY when that is set.", "example": 0.5},
+                                 "ADMIN_API_KEY when that is set.", "example": 0.5,
+                  "minimum": 0, "maximum": 10**9},
     )
 
 
