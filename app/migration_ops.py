@@ -41,17 +41,19 @@ def column_exists(table: str, column: str) -> bool:
 
 
 def create_index(
-    name: str, table: str, columns: list[str], *, unique: bool = False, where: str | None = None
+    name: str, table: str, columns: list[str], *, unique: bool = False, where: str | None = None,
+    include: list[str] | None = None,
 ) -> None:
-    """Create the index (partial with ``where``) unless it exists, never
+    """Create the index (partial with ``where``; on PostgreSQL covering the
+    ``include`` columns too, for index-only scans) unless it exists, never
     blocking the table's writers."""
+    create = op.create_index
     if where is not None:
         condition = sa.text(where)
-        create = functools.partial(
-            op.create_index, postgresql_where=condition, sqlite_where=condition
-        )
-    else:
-        create = op.create_index
+        create = functools.partial(create, postgresql_where=condition, sqlite_where=condition)
+    if include:
+        # SQLite has no INCLUDE: there the index is its key columns alone.
+        create = functools.partial(create, postgresql_include=include)
     if not postgresql():
         create(name, table, columns, unique=unique, if_not_exists=True)
         return
@@ -70,6 +72,16 @@ def create_index(
         create(
             name, table, columns, unique=unique, postgresql_concurrently=True, if_not_exists=True
         )
+
+
+def drop_index(name: str, table: str) -> None:
+    """Drop the index if it exists, never blocking the table's writers
+    (``DROP INDEX CONCURRENTLY`` on PostgreSQL, outside the transaction)."""
+    if not postgresql():
+        op.drop_index(name, table, if_exists=True)
+        return
+    with op.get_context().autocommit_block():
+        op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
 
 def add_column(table: str, column: sa.Column) -> None:

@@ -184,7 +184,10 @@ class LLMCall(db.Model):
         CheckConstraint("purpose IN ('answer', 'tool_round', 'summary')",
                         name="ck_ai_chat_llm_calls_purpose"),
         Index("ix_ai_chat_llm_calls_usage_date", "usage_date"),
-        Index("ix_ai_chat_llm_calls_telegram_id_usage_date", "telegram_id", "usage_date"),
+        # Covering (migration 0007): the spend report by user sums these columns
+        # in this index's order without reading the table.
+        Index("ix_ai_chat_llm_calls_telegram_id_usage_date_cover", "telegram_id", "usage_date",
+              postgresql_include=["purpose", "prompt_tokens", "completion_tokens", "cost"]),
         Index("ix_ai_chat_llm_calls_chat_request_id", "chat_request_id"),
     )
 

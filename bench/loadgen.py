@@ -4,9 +4,15 @@ Stdlib asyncio streams and hand-built requests, so one Python process drives a
 few hundred requests per second, or a thousand open streams, for a fraction
 of a core: the generator shares the two cores with the server it measures and
 must not become the bottleneck. Every client sends its next request as soon as
-the previous answer is in, with a fresh ``telegram_id`` each time (new user per
-request). With ``ramp`` the clients start one after another over that many
-seconds, as an evening's users arrive, instead of a thousand SYNs at once.
+the previous answer is in (or ``think`` seconds after it: a seller reading the
+answer), with a fresh ``telegram_id`` each time (new user per request), or,
+with ``users``, the next of a fixed pool of returning users in turn (ids
+``first_id`` … ``first_id + users - 1``, round robin over every client's
+requests, so each user's share of the requests is the same whatever the
+answers' speed). ``questions`` mixes the message: a repeated general question
+of a small set, or one asked once only (the common-answer cache's load).
+With ``ramp`` the clients start one after another over that many seconds, as
+an evening's users arrive, instead of a thousand SYNs at once.
 
 Two modes: POST /v1/chat/send (one JSON answer, its Server-Timing kept), and
 POST /v1/chat/stream (``stream=True``): the Server-Sent Events are read as
@@ -15,6 +21,9 @@ bulk every STREAM_POLL_S; a sample records the time to that first delta and to
 the end of the stream, and a stream counts as answered only when it ended with
 ``done``. An ``error`` event, or a body that ends without either, is an error
 of its own kind.
+
+A 429 is an error unless the scenario expects refusals (``refusals=True``:
+returning users at their daily limit); then it is counted in ``refused``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import resource
 import time
 from collections.abc import Callable
@@ -59,6 +69,7 @@ class LoadResult:
     samples: list[Sample] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
     sent: int = 0
+    refused: int = 0  # 429s, when the scenario expects them (not errors then)
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -79,20 +90,52 @@ def raise_open_files(needed: int) -> tuple[int, int]:
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+@dataclass(frozen=True)
+class Questions:
+    """The messages of a common-answer cache load: each request asks one of
+    ``common`` (chosen at random, seeded), except a share ``unique`` of them
+    that ask a question nobody asked before (never a hit)."""
+
+    common: tuple[str, ...]
+    unique: float = 0.0
+    seed: int = 1
+
+
 class _Request:
     """The bytes of one POST, built with as little work as possible."""
 
-    def __init__(self, host: str, port: int, api_key: str, first_id: int, path: str):
+    def __init__(self, host: str, port: int, api_key: str, first_id: int, path: str,
+                 users: int | None = None, questions: Questions | None = None):
         self.head = (
             f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"X-API-KEY: {api_key}\r\nContent-Type: application/json\r\n"
             "Content-Length: "
         ).encode()
+        self.first_id = first_id
+        self.users = users
         self.ids = itertools.count(first_id)
         self.tail = b', "message": ' + json.dumps(MESSAGE).encode() + b"}"
+        self.questions = questions
+        if questions is not None:
+            self.random = random.Random(questions.seed)
+            self.tails = [b', "message": ' + json.dumps(q, ensure_ascii=False).encode() + b"}"
+                          for q in questions.common]
+
+    def _tail(self, number: int) -> bytes:
+        questions = self.questions
+        if questions is None:
+            return self.tail
+        if self.random.random() < questions.unique:
+            # A question of its own: the same words, a number nobody else asks about.
+            unique = f"{questions.common[0]} Артикул {number}?"
+            return b', "message": ' + json.dumps(unique, ensure_ascii=False).encode() + b"}"
+        return self.random.choice(self.tails)
 
     def next(self) -> bytes:
-        body = b'{"telegram_id": ' + str(next(self.ids)).encode() + self.tail
+        number = next(self.ids)
+        telegram_id = number if self.users is None else (
+            self.first_id + (number - self.first_id) % self.users)
+        body = b'{"telegram_id": ' + str(telegram_id).encode() + self._tail(number)
         return self.head + str(len(body)).encode() + b"\r\n\r\n" + body
 
 
@@ -198,11 +241,19 @@ async def _client(
     on_answer: Callable[[], None] | None,
     stream: bool,
     delay: float,
+    think: float = 0.0,
+    refusals: bool = False,
 ) -> None:
     await asyncio.sleep(delay)
     reader = writer = None
+    first = True
     try:
         while keep_going():
+            if think and not first:
+                await asyncio.sleep(think)
+                if not keep_going():
+                    break
+            first = False
             if writer is None:
                 try:
                     reader, writer = await asyncio.open_connection(host, port)
@@ -237,7 +288,9 @@ async def _client(
                     if not sample.done:
                         result.error(f"stream_{ending}")
                 result.samples.append(sample)
-                if status != 200:
+                if status == 429 and refusals:
+                    result.refused += 1
+                elif status != 200:
                     result.error(f"http_{status}")
                 elif sample.done and on_answer is not None:
                     on_answer()
@@ -263,6 +316,10 @@ async def run_load(
     stream: bool = False,
     ramp: float = 0.0,
     drain: float | None = None,
+    users: int | None = None,
+    questions: Questions | None = None,
+    think: float = 0.0,
+    refusals: bool = False,
 ) -> LoadResult:
     """Drive ``clients`` closed loops for ``duration`` seconds or ``total`` requests,
     whichever ends first; client i starts ``i * ramp / clients`` seconds in.
@@ -274,7 +331,8 @@ async def run_load(
     measurement window.
     """
     result = LoadResult()
-    request = _Request(host, port, api_key, first_id, STREAM_PATH if stream else SEND_PATH)
+    request = _Request(host, port, api_key, first_id, STREAM_PATH if stream else SEND_PATH,
+                       users, questions)
     stop_at = time.perf_counter() + duration if duration is not None else float("inf")
     limit = total if total is not None else float("inf")
 
@@ -284,7 +342,7 @@ async def run_load(
     tasks = [
         asyncio.create_task(
             _client(host, port, request, result, keep_going, timeout, on_answer, stream,
-                    index * ramp / clients)
+                    index * ramp / clients, think, refusals)
         )
         for index in range(clients)
     ]

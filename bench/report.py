@@ -16,9 +16,9 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 
-from bench import ceiling, indexes, targets, whatif
+from bench import ceiling, indexes, targets, usage, whatif
 from bench.loadgen import STREAM_POLL_S
-from bench.scenarios import PAIRS
+from bench.scenarios import PAIRS, PLAN, V12_PAIRS
 from bench.servers import ROOT
 from bench.stats import Figures, median
 from bench.targets import fmt as _fmt
@@ -115,8 +115,36 @@ def console_line(f: Figures) -> str:
         f"errors {f.error_count}  CPU {_fmt(f.cpu_ms_per_answer.get('service'), 2)} ms/answer  "
         f"RSS {_fmt(f.service_rss_mib, 0)} MiB  busy {_fmt((f.machine_busy or 0) * 100, 0)}% "
         f"(other {_fmt((f.other_load or 0) * 100, 0)}%)  new conns {f.new_db_connections}  "
-        f"workers {_split(f)}"
+        f"workers {_split(f)}" + _v12_console(f)
     )
+
+
+def _v12_console(f: Figures) -> str:
+    parts = []
+    if f.refused:
+        parts.append(f"refused {f.refused}")
+    if f.hits:
+        parts.append(f"hits {f.hits} p50/p99 {_pair(f.hit_p50, f.hit_p99)} ms")
+    if f.extra.get("rounds"):
+        parts.append(f"tool round p50/p99 {_pair(f.extra['round_p50'], f.extra['round_p99'])}"
+                     f" ms skew p99 {_fmt(f.extra.get('skew_p99'))} ms")
+    own = targets.own_outside_ms(f)
+    if own is not None:
+        parts.append(f"own {own:.2f} ms")
+    calls = targets.summary_calls(f)
+    if calls:
+        parts.append(f"summary calls {calls:.0f}")
+    burner = f.core_share("burner")
+    if burner:
+        parts.append(f"burner {burner * 100:.0f}%")
+    redis = [(use, targets.redis_hit_share(f, use)) for use in ("limits", "context", "answer")]
+    redis = [f"{use} {share * 100:.0f}%" for use, share in redis if share is not None]
+    if redis:
+        fallbacks = f.metric("ai_chat_redis_requests_total", outcome="fallback")
+        parts.append(f"Redis hits {', '.join(redis)} (fallbacks {fallbacks:.0f})")
+    if f.cpu_ms_per_answer.get("postgres") is not None:
+        parts.append(f"PG CPU {f.cpu_ms_per_answer['postgres']:.2f} ms/answer")
+    return ("  " + "  ".join(parts)) if parts else ""
 
 
 def _errors(f: Figures) -> str:
@@ -277,6 +305,61 @@ def _comparisons(measured, repeat: int) -> list[str]:
     return lines
 
 
+def _v12_names(measured) -> list[str]:
+    wanted = {name for pair in V12_PAIRS for name in pair[:2]} | {"cache-50"}
+    return [s.name for s in PLAN if s.name in measured and s.name in wanted]
+
+
+def _v12_tables(measured) -> list[str]:
+    """Every round of the v1.2 scenarios and of the twins they are judged against."""
+    names = _v12_names(measured)
+    if not names:
+        return ["Not run."]
+    lines = [
+        "One row per round (the scenario and its twin ran one after the other in each "
+        "round). Refused: 429s of the returning users at their limit (a fifth of the "
+        "pool; expected, not errors). Hits: answers from the common-answer cache "
+        "(Server-Timing without `llm`). Own: the service's time per answer outside the "
+        "model and the main server (mean; `bench/targets.py` `own_outside_ms`). Summary "
+        "calls: folds that called the model (`ai_chat_summary_folds_total`). CPU columns in "
+        "ms per answer; burner: the CPU burner's share of a core.",
+        "",
+        "| scenario | round | answers/s | p50 / p99 ms | quota p50 / p99 ms "
+        "| save p99 ms | refused | hits (p50 / p99 ms) | tool round p50 / p99 ms "
+        "| own ms | summary calls / 100 answers | Redis context hits % (fallbacks) | errors "
+        "| gunicorn CPU | PostgreSQL CPU | machine busy / other | burner % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for name in names:
+        for number, f in enumerate(measured[name].repeats, 1):
+            own = targets.own_outside_ms(f)
+            calls = targets.summary_calls(f) / f.answers * 100 if f.answers else None
+            burner = f.core_share("burner")
+            hits = (f"{f.hits} ({_pair(f.hit_p50, f.hit_p99)})" if f.hits else "–")
+            rounds = (_pair(f.extra.get("round_p50"), f.extra.get("round_p99"))
+                      if f.extra.get("rounds") else "–")
+            lines.append(
+                f"| {name} | {number} | {f.answers_per_s:.1f} | {_pair(f.p50, f.p99, 0)} "
+                f"| {_pair(f.phases_p50.get('quota'), f.phases_p99.get('quota'))} "
+                f"| {_fmt(f.phases_p99.get('save'))} | {f.refused or '–'} | {hits} "
+                f"| {rounds} | {_fmt(own, 2)} | {_fmt(calls)} | {_redis(f)} | {_errors(f)} "
+                f"| {_fmt(f.cpu_ms_per_answer.get('service'), 2)} "
+                f"| {_fmt(f.cpu_ms_per_answer.get('postgres'), 2)} "
+                f"| {_fmt((f.machine_busy or 0) * 100, 0)}% / "
+                f"{_fmt((f.other_load or 0) * 100, 0)}% "
+                f"| {_fmt(None if burner is None else burner * 100, 0)} |"
+            )
+    return lines
+
+
+def _redis(f: Figures) -> str:
+    share = targets.redis_hit_share(f, "context")
+    if share is None:
+        return "–"
+    fallbacks = f.metric("ai_chat_redis_requests_total", outcome="fallback")
+    return f"{share * 100:.0f} ({fallbacks:.0f})"
+
+
 def _median_of(m, key):
     return median([key(r) for r in m.repeats])
 
@@ -431,7 +514,7 @@ def kept_analysis(previous: str) -> str | None:
 
 def render(measured, profile, settings_, elapsed: float, quick: bool, failures=None,
            costs=None, ceiling=None, indexes=None, repeat: int = 1,
-           analysis: str | None = None, faults=None) -> str:
+           analysis: str | None = None, faults=None, usage=None) -> str:
     gunicorn = settings_["gunicorn"]
     engine = settings_["engine"]
     overrides = settings_["overrides"]
@@ -492,6 +575,14 @@ def render(measured, profile, settings_, elapsed: float, quick: bool, failures=N
         "",
         *targets.target_lines(measured),
         "",
+        "## v1.2: overload, tools, Redis, memory, spend",
+        "",
+        *_v12_tables(measured),
+        "",
+        "## Spend report over a million model calls",
+        "",
+        *usage_lines(usage),
+        "",
         "## Leak run",
         "",
         *_leak(measured),
@@ -535,6 +626,10 @@ def ceiling_lines(result) -> list[str]:
     if isinstance(result, str):
         return [result]
     return ceiling.table(result)
+
+
+def usage_lines(result) -> list[str]:
+    return usage.table(result)
 
 
 def index_lines(result) -> list[str]:

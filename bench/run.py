@@ -16,11 +16,13 @@ takes the median); the profile; the single-thread costs (whatif); the
 fault-injection run (bench/faults.py, on a PostgreSQL cluster of its own; 90 s
 of load, --duration sets it); then, on the same scratch database loaded with a
 million exchanges, the pgbench ceiling (bench/ceiling.py) and the index
-measurements (bench/indexes.py). Names for --scenario: every scenario of
-bench/scenarios.py, ``profile``, ``whatif``, ``faults``, ``pgbench`` and
-``indexes``. The last two also run alone, each on
+measurements (bench/indexes.py) and, with a million model calls added, the
+spend report (bench/usage.py). Names for --scenario: every scenario of
+bench/scenarios.py, ``profile``, ``whatif``, ``faults``, ``pgbench``,
+``indexes`` and ``usage``. The last three also run alone, each on
 a scratch database of its own: ``python -m bench.ceiling``, ``python -m
-bench.indexes``.
+bench.indexes``, ``python -m bench.usage``. The v1.2 scenarios and their
+twins (scenarios.V12_PAIRS) run in rounds like the other pairs.
 """
 
 from __future__ import annotations
@@ -32,11 +34,23 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
-from bench import ceiling, faults, indexes, pyspy, report, scenarios, system, whatif
+from bench import ceiling, faults, indexes, pyspy, report, scenarios, system, usage, whatif
 from bench.loadgen import raise_open_files, run_load
-from bench.servers import BenchDatabase, FakeLLMProcess, GunicornProcess, max_connections
+from bench.servers import (
+    BenchDatabase,
+    CpuBurner,
+    FakeLLMProcess,
+    FakeMainServerProcess,
+    GunicornProcess,
+    RedisKeys,
+    max_connections,
+)
+from bench.stats import percentile
 
 BENCH_DIR = Path(__file__).resolve().parent
 OUT_DIR = BENCH_DIR / "out"
@@ -47,7 +61,7 @@ RESULTS = BENCH_DIR / "RESULTS.md"
 LEAK_LIMIT_S = 90.0
 # Ratios of a full run are medians of this many rounds (--repeat).
 FULL_REPEAT = 3
-DATABASE_STEPS = ("pgbench", "indexes")
+DATABASE_STEPS = ("pgbench", "indexes", "usage")
 NAMES = [s.name for s in scenarios.PLAN] + [scenarios.PROFILE.name, "whatif", "faults",
                                             *DATABASE_STEPS]
 
@@ -142,6 +156,9 @@ class Runner:
         self.profile = None
         self.runs = 0
         self.began = time.monotonic()
+        # The run's own keys on the machine's Redis, deleted when it ends.
+        self.redis = RedisKeys(f"ai_chat_bench_{uuid.uuid4().hex[:10]}:")
+        self.redis_ok: bool | None = None
 
     def say(self, text: str) -> None:
         """A console line, stamped with the seconds since the run began."""
@@ -170,34 +187,78 @@ class Runner:
             groups.setdefault(scenario.server_key(), []).append(scenario)
         for members in groups.values():
             first = members[0]
+            names = ", ".join(s.name for s in members) + label
+            if first.redis and not self._redis_available():
+                self.failures[names] = f"no Redis at {RedisKeys.URL}"
+                continue
             llm = self.llm(first.upstream)
             env = {**scenarios.service_env(self.database.url, llm.url),
                    **settings["overrides"], **dict(first.env)}
-            server = GunicornProcess(first.module, env, settings["gunicorn"], OUT_DIR, first.name)
+            if first.redis:
+                env.update(REDIS_URL=RedisKeys.URL, REDIS_PREFIX=self.redis.prefix)
+            main = burners = None
+            if first.main_server is not None:
+                main = FakeMainServerProcess(first.main_server, OUT_DIR)
+                env.update(MAIN_SERVER_URL=main.url, MAIN_SERVER_API_KEY=main.api_key)
+            server = GunicornProcess(first.module, env, settings["gunicorn"], OUT_DIR, first.name,
+                                     cpus=first.cpus)
             try:
                 server.start()
             except RuntimeError as error:
                 # One broken configuration must not cost the other figures.
-                self.failures[", ".join(s.name for s in members) + label] = str(error)[-1500:]
+                self.failures[names] = str(error)[-1500:]
                 self.say(f"bench: {str(error)[-300:]}")
+                if main is not None:
+                    main.stop()
                 continue
+            group = {}
             try:
+                scenarios.EXTRA_GROUPS.clear()
+                if main is not None:
+                    scenarios.EXTRA_GROUPS["fake_main_server"] = [main.process.pid]
+                if first.burners:
+                    burners = CpuBurner(first.cpus or "0", first.burners)
+                    scenarios.EXTRA_GROUPS["burner"] = burners.pids
                 for scenario in members:
                     result = self._measure(scenario, server, llm)
                     if result is not None:
-                        measured[scenario.name] = result
-                        self.say(report.console_line(result.figures) + label)
+                        group[scenario.name] = result
+                        if main is None:
+                            self.say(report.console_line(result.figures) + label)
             finally:
+                scenarios.EXTRA_GROUPS.clear()
                 server.stop()
+                if burners is not None:
+                    burners.stop()
+                if main is not None:
+                    timings = main.stop()
+                    for result in group.values():
+                        tool_rounds(result.figures, timings)
+                        self.say(report.console_line(result.figures) + label)
+            measured.update(group)
             if "Traceback" in server.log()[-20000:]:
                 self.say(f"bench: errors in {server.log_path}")
         return measured
+
+    def _redis_available(self) -> bool:
+        if self.redis_ok is None:
+            self.redis_ok = self.redis.available()
+        return self.redis_ok
 
     def _measure(self, scenario, server, llm) -> scenarios.Measured | None:
         """One scenario on a running server (the profile: None, kept in self.profile)."""
         self.runs += 1
         first_id = self.runs * 100_000_000
         self.database.truncate()
+        if scenario.redis:
+            # Every round starts from an empty cache (the common answers included).
+            self.redis.clear()
+        if scenario.users:
+            users = scenario.users
+            today = datetime.now(ZoneInfo("Europe/Moscow")).date()
+            took = self.database.load_users(first_id, users.size, users.history,
+                                            users.at_limit, users.limit, today)
+            self.say(f"bench: {users.size} returning users loaded in {took:.1f} s")
         if scenario is scenarios.PROFILE:
             self.profile = _profile(server, self.profile_s, first_id)
             self.say("bench: profile done")
@@ -214,12 +275,43 @@ class Runner:
         for llm in self.llms.values():
             llm.stop()
         self.llms.clear()
+        if self.redis_ok:
+            self.redis.clear()
+
+
+def tool_rounds(figures, timings: list[tuple[int, float, float]]) -> None:
+    """The tool rounds of the window as the fake main server saw them: per
+    request (a fresh telegram_id each), from its first call's arrival to its
+    last call's answer (the span), and between the calls' arrivals (the
+    skew). Into ``figures.extra``."""
+    if not figures.window_at:
+        return
+    start, end = figures.window_at
+    rounds: dict[int, list[tuple[float, float]]] = {}
+    for telegram_id, started, ended in timings:
+        rounds.setdefault(telegram_id, []).append((started, ended))
+    spans, skews, calls = [], [], []
+    for entries in rounds.values():
+        first = min(started for started, _ in entries)
+        if not start <= first <= end:
+            continue
+        spans.append((max(ended for _, ended in entries) - first) * 1000)
+        skews.append((max(started for started, _ in entries) - first) * 1000)
+        calls.append(len(entries))
+    figures.extra.update(
+        rounds=len(spans), calls_per_round=(sum(calls) / len(calls)) if calls else None,
+        round_p50=percentile(spans, 0.5), round_p99=percentile(spans, 0.99),
+        round_mean=(sum(spans) / len(spans)) if spans else None,
+        round_max=max(spans, default=None), skew_p50=percentile(skews, 0.5),
+        skew_p99=percentile(skews, 0.99),
+    )
 
 
 def _repeat(runner: Runner, measured: dict, settings: dict, rounds: int) -> None:
     """More rounds of the pairs measured in full, into each one's ``repeats``."""
-    names = {name for pair in scenarios.PAIRS if all(n in measured for n in pair)
-             for name in pair}
+    pairs = [*scenarios.PAIRS, *((first, second) for first, second, _ in scenarios.V12_PAIRS)]
+    names = {name for pair in pairs if all(n in measured for n in pair) for name in pair}
+    names |= {name for name in scenarios.ALONE_IN_ROUNDS if name in measured}
     again = [s for s in scenarios.PLAN if s.name in names]
     for number in range(2, rounds + 1):
         if not again:
@@ -231,16 +323,20 @@ def _repeat(runner: Runner, measured: dict, settings: dict, rounds: int) -> None
 def _database_side(args, database: BenchDatabase, say):
     """The pgbench ceiling and the index measurements, on one loaded database."""
     if not any(_wanted(args, name) for name in DATABASE_STEPS):
-        return None, None
+        return None, None, None
     database.truncate()
     setup = ceiling.prepare(database)
     say(f"bench: database loaded: {setup}")
-    ceiling_result = index_result = None
+    ceiling_result = index_result = usage_result = None
     if _wanted(args, "pgbench"):
         ceiling_result = ceiling.run(database, setup, 3.0 if args.quick else 10.0)
     if _wanted(args, "indexes"):
         index_result = indexes.run(database, setup)
-    return ceiling_result, index_result
+    if _wanted(args, "usage"):
+        usage_result = usage.run(database)
+        for line in usage.console_lines(usage_result):
+            say(f"bench: {line}")
+    return ceiling_result, index_result, usage_result
 
 
 def main(argv=None) -> int:
@@ -264,7 +360,7 @@ def main(argv=None) -> int:
     runner = Runner(database, args.quick, args.duration)
     print(f"bench: database {database.name}; {settings['summary']}; open files "
           f"{files_before} -> {files_now}", flush=True)
-    costs = ceiling_result = index_result = fault_result = None
+    costs = ceiling_result = index_result = fault_result = usage_result = None
     try:
         if sweeps:
             return _sweep(runner, args, sweeps, began)
@@ -277,7 +373,7 @@ def main(argv=None) -> int:
         runner.close()
         if _wanted(args, "faults"):
             fault_result = _faults(args, settings, runner.say)
-        ceiling_result, index_result = _database_side(args, database, runner.say)
+        ceiling_result, index_result, usage_result = _database_side(args, database, runner.say)
     finally:
         runner.close()
         database.drop()
@@ -288,7 +384,8 @@ def main(argv=None) -> int:
     text = report.render(measured, runner.profile, settings, elapsed, quick=args.quick,
                          failures=runner.failures, costs=costs, ceiling=ceiling_result,
                          indexes=index_result, repeat=repeat,
-                         analysis=report.kept_analysis(previous), faults=fault_result)
+                         analysis=report.kept_analysis(previous), faults=fault_result,
+                         usage=usage_result)
     output.write_text(text)
     print(f"bench: {len(measured)} scenarios in {elapsed:.0f}s; wrote {output}", flush=True)
     print(report.targets_block(measured), flush=True)

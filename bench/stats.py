@@ -69,6 +69,31 @@ class Figures:
     service_rss_mib: float | None = None
     service_pss_mib: float | None = None
     extra: dict = field(default_factory=dict)
+    # 429s of returning users at their limit (expected, not errors), in the window.
+    refused: int = 0
+    # Answers from the common-answer cache (Server-Timing without ``llm``) and
+    # their latency; the other answers' latency.
+    hits: int = 0
+    hit_p50: float | None = None
+    hit_p99: float | None = None
+    miss_p50: float | None = None
+    miss_p99: float | None = None
+    # What the service's /metrics counters, histogram sums and counts grew by
+    # in the window (service only; bench/scenarios.py ``metrics_between``).
+    metrics: dict = field(default_factory=dict)
+    window_at: tuple[float, float] | None = None  # perf_counter bounds of the window
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The growth of a metric in the window, summed over the series whose
+        labels include ``labels`` (0 when none grew)."""
+        total = 0.0
+        for key, value in self.metrics.items():
+            base, _, rest = key.partition("{")
+            if base != name:
+                continue
+            if all(f'{label}="{wanted}"' in rest for label, wanted in labels.items()):
+                total += value
+        return total
 
     @property
     def error_count(self) -> int:
@@ -107,6 +132,7 @@ def summarise(
     answered = [s for s in inside if s.answered]
     latencies = [s.latency * 1000 for s in answered]
     figures.answers = len(answered)
+    figures.refused = sum(1 for s in inside if s.status == 429)
     figures.answers_per_s = len(answered) / (end - start)
     figures.p50 = percentile(latencies, 0.50)
     figures.p99 = percentile(latencies, 0.99)
@@ -122,9 +148,17 @@ def summarise(
         # Overhead: what the client waited beyond the upstream call as the app
         # itself timed it (Server-Timing llm), so the fake LLM's own slowness is
         # not counted.
-        overheads = [s.latency * 1000 - t.get("llm", figures.upstream_ms) for s, t in parsed]
+        # (An answer from the common-answer cache has no ``llm`` phase: no call.)
+        overheads = [s.latency * 1000 - t.get("llm", 0.0 if "total" in t else figures.upstream_ms)
+                     for s, t in parsed]
         figures.overhead_p50 = percentile(overheads, 0.50)
         figures.overhead_p99 = percentile(overheads, 0.99)
+    if figures.app == "service" and not figures.stream:
+        hits = [s.latency * 1000 for s, t in parsed if t and "llm" not in t]
+        misses = [s.latency * 1000 for s, t in parsed if t and "llm" in t]
+        figures.hits = len(hits)
+        figures.hit_p50, figures.hit_p99 = percentile(hits, 0.5), percentile(hits, 0.99)
+        figures.miss_p50, figures.miss_p99 = percentile(misses, 0.5), percentile(misses, 0.99)
     if timings:
         own = [t["total"] - t.get("llm", 0.0) for t in timings if "total" in t]
         figures.own_p50 = percentile(own, 0.50)
@@ -134,7 +168,7 @@ def summarise(
             figures.phases_p50[phase] = percentile(values, 0.50)
             figures.phases_p99[phase] = percentile(values, 0.99)
     figures.errors = dict(result.errors)
-    for group in ("service", "postgres", "fake_llm", "loadgen"):
+    for group in ("service", "postgres", "fake_llm", "loadgen", "fake_main_server", "burner"):
         if group in cpu:
             figures.cpu_ms_per_answer[group] = (
                 cpu[group] * 1000 / figures.answers if figures.answers else None

@@ -245,4 +245,208 @@ def target_lines(measured) -> list[str]:
         "Earlier targets:",
         "",
         *earlier_lines(measured),
+        "",
+        "v1.2 (overload, tools, Redis, memory, spend; medians of rounds):",
+        "",
+        *v12_lines(measured),
     ]
+
+
+# --- v1.2 (bench/scenarios.py V12_PAIRS) -----------------------------------------------
+STARVED_MIN_RATIO = 0.9  # answers/s of the service ÷ the starved floor's
+STARVED_FLOOR_P99_MS = 60_000.0  # no 503 while the floor's p99 is under this
+MAIN_SERVER_DELAY_MS = 100.0
+TOOL_ROUND_SLACK_MS = 30.0  # a round of two calls <= one call + this
+TOOLS_MAX_OWN_RATIO = 1.5  # own time per answer with tools <= this x a send's
+CACHE_HIT_MAX_P99_MS = 20.0
+REDIS_MAX_PG_CPU_RATIO = 0.7
+REDIS_MAX_SERVICE_CPU_RATIO = 1.1
+# "Does not move": the median of the rounds with the part is under this much
+# more than the median without, or under the highest round without.
+NOISE_RATIO = 1.1
+
+
+def _rounds(measured, first: str, second: str):
+    """The rounds of two scenarios, paired (they ran one after the other)."""
+    if first not in measured or second not in measured:
+        return []
+    return list(zip(measured[first].repeats, measured[second].repeats, strict=False))
+
+
+def own_outside_ms(f: Figures) -> float | None:
+    """The service's own time per answer outside the model and the main server
+    (ms, mean over the window): the send's Server-Timing total (from
+    /metrics) less the model calls' time less the tool rounds' time as the
+    fake main server saw it (from the first call's arrival to the last's
+    answer)."""
+    count = f.metric("ai_chat_send_phase_duration_seconds_count", phase="total")
+    if not count:
+        return None
+    total = f.metric("ai_chat_send_phase_duration_seconds_sum", phase="total")
+    model = f.metric("ai_chat_llm_request_duration_seconds_sum")
+    rounds = f.extra.get("rounds") or 0
+    main = (f.extra.get("round_mean") or 0.0) * rounds / count
+    return (total - model) / count * 1000 - main
+
+
+def redis_hit_share(f: Figures, use: str) -> float | None:
+    """Hits of one Redis use (limits, context, answer) as a share of its lookups."""
+    outcomes = {o: f.metric("ai_chat_redis_requests_total", use=use, outcome=o)
+                for o in ("hit", "miss", "fallback")}
+    total = sum(outcomes.values())
+    return outcomes["hit"] / total if total else None
+
+
+def summary_calls(f: Figures) -> float:
+    """The summary model calls of the window (folds that called the model)."""
+    return sum(f.metric("ai_chat_summary_folds_total", outcome=outcome)
+               for outcome in ("ok", "dropped", "failed"))
+
+
+def _moved(with_values: list[float], without_values: list[float]) -> bool | None:
+    """True when the median with the part is above both the noise bound and
+    every round without it."""
+    if not with_values or not without_values:
+        return None
+    middle = median(with_values)
+    return middle > NOISE_RATIO * median(without_values) and middle > max(without_values)
+
+
+def _values(pairs, side: int, key) -> list[float]:
+    return [v for v in (key(pair[side]) for pair in pairs) if v is not None]
+
+
+def _list(values, digits: int = 1) -> str:
+    return ", ".join(fmt(v, digits) for v in values) or "–"
+
+
+def v12_lines(measured) -> list[str]:
+    """The v1.2 issues' targets (overload, tools, Redis, memory, spend)."""
+    lines = []
+    # 1. Overload.
+    pairs = _rounds(measured, "real-1000-starved", "fwd-real-1000-starved")
+    head = "- overload (real-1000 on one core beside a CPU burner)"
+    if not pairs:
+        lines.append(f"{head}: {verdict(None)}")
+    else:
+        ratios_ = [s.answers_per_s / f.answers_per_s for s, f in pairs if f.answers_per_s]
+        lines.append(
+            f"{head}: answers/s >= {STARVED_MIN_RATIO}x the starved floor's — "
+            f"{verdict(median(ratios_) >= STARVED_MIN_RATIO if ratios_ else None)} "
+            f"({rounds_text(ratios_)}; {_list([s.answers_per_s for s, _ in pairs])} vs "
+            f"{_list([f.answers_per_s for _, f in pairs])} answers/s)"
+        )
+        refused = [s.errors.get("http_503", 0) for s, _ in pairs]
+        floor_p99 = [f.p99 for _, f in pairs]
+        applies = all(p is not None and p < STARVED_FLOOR_P99_MS for p in floor_p99)
+        lines.append(
+            f"{head}: no 503 while the floor's p99 < {STARVED_FLOOR_P99_MS / 1000:.0f} s — "
+            f"{verdict(sum(refused) == 0 if applies else None)} (503s per round "
+            f"{', '.join(map(str, refused))}; floor p99 {_list(floor_p99, 0)} ms, service p99 "
+            f"{_list([s.p99 for s, _ in pairs], 0)} ms; other errors: "
+            f"{'; '.join(errors_text(s) for s, _ in pairs)})"
+        )
+    # 2. Tools.
+    m = measured.get("tools-50")
+    head = "- tools-50 (two tools of one round, main server 100 ms, model 500 ms)"
+    if m is None:
+        lines.append(f"{head}: {verdict(None)}")
+    else:
+        limit = MAIN_SERVER_DELAY_MS + TOOL_ROUND_SLACK_MS
+        p99, p99_text = _over_rounds(m, lambda r: r.extra.get("round_p99"), unit=" ms")
+        _, p50_text = _over_rounds(m, lambda r: r.extra.get("round_p50"), unit=" ms")
+        _, skew = _over_rounds(m, lambda r: r.extra.get("skew_p99"), unit=" ms")
+        lines.append(
+            f"{head}: the round's two calls <= one call + {TOOL_ROUND_SLACK_MS:.0f} ms "
+            f"({limit:.0f} ms, p99, as the main server saw them) — "
+            f"{verdict(None if p99 is None else p99 <= limit)} (p50 {p50_text}, p99 {p99_text};"
+            f" second call's arrival after the first's p99 {skew})"
+        )
+        pairs = _rounds(measured, "tools-50", "slow-50")
+        ratios_ = [a / b for a, b in ((own_outside_ms(t), own_outside_ms(s)) for t, s in pairs)
+                   if a is not None and b]
+        lines.append(
+            f"{head}: the service's own time per answer outside the model and the main "
+            f"server <= {TOOLS_MAX_OWN_RATIO}x a send's (slow-50) — "
+            f"{verdict(median(ratios_) <= TOOLS_MAX_OWN_RATIO if ratios_ else None)} "
+            f"({rounds_text(ratios_)}; {_list([own_outside_ms(t) for t, _ in pairs], 2)} vs "
+            f"{_list([own_outside_ms(s) for _, s in pairs], 2)} ms)"
+        )
+        errors = sum(r.error_count for r in m.repeats)
+        lines.append(f"{head}: zero errors — {verdict(errors == 0)} "
+                     f"({'; '.join(errors_text(r) for r in m.repeats)})")
+    # 3. Redis.
+    m = measured.get("cache-50")
+    head = "- cache-50 (20 common questions, a tenth asked once; Redis)"
+    if m is None:
+        lines.append(f"{head}: {verdict(None)}")
+    else:
+        p99, text = _over_rounds(m, lambda r: r.hit_p99, unit=" ms")
+        _, p50 = _over_rounds(m, lambda r: r.hit_p50, unit=" ms")
+        _, rate = _over_rounds(m, lambda r: r.hits / r.answers * 100 if r.answers else None,
+                               unit=" %")
+        saved = [r.hits / r.window_s for r in m.repeats if r.window_s]
+        lines.append(
+            f"{head}: a hit answers with p99 <= {CACHE_HIT_MAX_P99_MS:.0f} ms — "
+            f"{verdict(None if p99 is None else p99 <= CACHE_HIT_MAX_P99_MS)} (p50 {p50}, "
+            f"p99 {text}; hit rate {rate}; model calls saved {_list(saved)} /s; errors: "
+            f"{'; '.join(errors_text(r) for r in m.repeats)})"
+        )
+    for base, suffix in (("fast-50-users", "-redis"), ("slow-200-users", "-redis"),
+                         ("fast-50-users", "-redis500"), ("slow-200-users", "-redis500")):
+        pairs = _rounds(measured, f"{base}{suffix}", base)
+        head = f"- {base} with Redis against without" + (
+            " (REDIS_TIMEOUT=0.5, not the default)" if suffix == "-redis500" else "")
+        if not pairs:
+            lines.append(f"{head}: {verdict(None)}")
+            continue
+        for group, limit, what in (("postgres", REDIS_MAX_PG_CPU_RATIO, "PostgreSQL"),
+                                   ("service", REDIS_MAX_SERVICE_CPU_RATIO, "gunicorn")):
+            values = [(r.cpu_ms_per_answer.get(group), b.cpu_ms_per_answer.get(group))
+                      for r, b in pairs]
+            ratios_ = [a / b for a, b in values if a is not None and b]
+            context = [redis_hit_share(r, "context") for r, _ in pairs]
+            fallbacks = [sum(r.metric("ai_chat_redis_requests_total", use=u, outcome="fallback")
+                             for u in ("limits", "context")) for r, _ in pairs]
+            lines.append(
+                f"{head}: {what} CPU per answer <= {limit}x — "
+                f"{verdict(median(ratios_) <= limit if ratios_ else None)} "
+                f"({rounds_text(ratios_)}; {_list([a for a, _ in values], 2)} vs "
+                f"{_list([b for _, b in values], 2)} ms; Redis context hits "
+                f"{_list([None if c is None else c * 100 for c in context], 0)} %, "
+                f"fallbacks {_list(fallbacks, 0)})"
+            )
+    # 4. Memory.
+    for base in ("fast-50-users", "slow-200-users"):
+        pairs = _rounds(measured, base, f"{base}-nosum")
+        head = f"- {base} with summaries against without"
+        if not pairs:
+            lines.append(f"{head}: {verdict(None)}")
+            continue
+        with_p99 = _values(pairs, 0, lambda r: r.p99)
+        without_p99 = _values(pairs, 1, lambda r: r.p99)
+        moved = _moved(with_p99, without_p99)
+        calls = [summary_calls(r) / r.answers * 100 for r, _ in pairs if r.answers]
+        lines.append(
+            f"{head}: send p99 does not move — "
+            f"{verdict(None if moved is None else not moved)} (p99 {_list(with_p99, 0)} vs "
+            f"{_list(without_p99, 0)} ms; {_list(calls)} summary calls per 100 answers)"
+        )
+    # 5. Spend.
+    for base in ("fast-50", "real-1000"):
+        pairs = _rounds(measured, f"{base}-spend", base)
+        head = f"- {base} with prices and a spend cap against without"
+        if not pairs:
+            lines.append(f"{head}: {verdict(None)}")
+            continue
+        with_p99 = _values(pairs, 0, lambda r: r.phases_p99.get("quota"))
+        without_p99 = _values(pairs, 1, lambda r: r.phases_p99.get("quota"))
+        moved = _moved(with_p99, without_p99)
+        lines.append(
+            f"{head}: quota p99 does not move — "
+            f"{verdict(None if moved is None else not moved)} (quota p99 "
+            f"{_list(with_p99)} vs {_list(without_p99)} ms; answers/s "
+            f"{_list(_values(pairs, 0, lambda r: r.answers_per_s))} vs "
+            f"{_list(_values(pairs, 1, lambda r: r.answers_per_s))})"
+        )
+    return lines

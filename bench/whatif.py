@@ -115,8 +115,10 @@ def _send_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
 
 
 def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Cost]:
+    from decimal import Decimal
+
     from app import create_app, sql
-    from app.chat import idempotency, quota
+    from app.chat import memory, quota, records
 
     app = create_app(scenarios.service_env(database_url, llm_url))
     ids = itertools.count(10_000_000)
@@ -124,24 +126,30 @@ def _database_costs(database_url: str, llm_url: str, iterations: int) -> list[Co
         config = app.config
         day = quota.Day(now=datetime.now(UTC), timezone=config["TIMEZONE"])
 
+        # As a send at the defaults asks: no spend cap, the memory read with it.
+        limits = quota.Limits(config["DAILY_LIMIT"], config["DAILY_SPEND_LIMIT"], Decimal(0))
+        fold = memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None
+
         def reserve():
             with sql.connection() as conn:
-                quota.reserve(conn, next(ids), day, config["DAILY_LIMIT"],
-                              config["CONTEXT_MESSAGES"])
+                quota.reserve(conn, next(ids), day, limits, config["CONTEXT_MESSAGES"], fold)
 
         def save():
             values = {"telegram_id": next(ids), "user_id": None, "message": MESSAGE,
                       "response": ANSWER, "tokens_used": 100, "request_date": day.today,
-                      "created_at": day.now, "model": "gpt-4o-mini"}
+                      "created_at": day.now, "model": "gpt-4o-mini", "tools": "",
+                      "prompt_tokens": 60, "completion_tokens": 40, "cost": None}
+            call = records.Call("answer", "gpt-4o-mini", 60, 40, None)
             with sql.connection() as conn:
-                conn.run(idempotency.SAVE, values)
+                records.save_answer(conn, values, [call], Decimal(0))
 
         try:
             return _compare([
                 ("reservation + context read", reserve,
                  "app/chat/quota.py reserve(): one statement on a pooled DBAPI connection "
                  "= 1 round trip"),
-                ("save", save, "idempotency.SAVE: one INSERT … RETURNING id = 1 round trip"),
+                ("save", save, "records.SAVE: the exchange, its model call and the day's "
+                 "spend in one statement = 1 round trip"),
             ], iterations)
         finally:
             from app.extensions import db

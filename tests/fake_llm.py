@@ -109,6 +109,10 @@ Standalone (for benchmarks), run from the project root::
 
     python -m tests.fake_llm --port 8089 --latency 0.5 [--failure-rate 0.0]
         [--chunk-delay 0.0225] [--stream-pieces 200] [--answer-chars 800]
+        [--tools-forever get_sales,get_dashboard]
+
+``--tools-forever`` sets ``tools_forever`` to those tools, each called with no
+arguments (the tools' defaults).
 
 Default answer (without tool results) is ``"Ответ: " + <last user message>``
 cut to 200 characters (with ``answer_chars``: repeated or cut to exactly that
@@ -1511,6 +1515,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="length of the default answer (default: up to 200)",
     )
+    parser.add_argument(
+        "--tools-forever",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated tools every request that offers tools is asked to call",
+    )
     args = parser.parse_args(argv)
 
     # Nobody can read the records of a standalone process; keep memory flat.
@@ -1526,6 +1536,10 @@ def main(argv: list[str] | None = None) -> None:
         answer_chars=args.answer_chars,
         record=False,
     )
+    if args.tools_forever:
+        fake.tools_forever = [(name.strip(), {}) for name in args.tools_forever.split(",")
+                              if name.strip()]
+        # reset() forgets tools_forever; the standalone fake is never reset.
     # A plain flag rather than threading.Event: Event.set() inside a signal
     # handler can deadlock if the signal lands while wait() holds its lock.
     stop_requested: list[int] = []

@@ -46,6 +46,12 @@ its answer is written, so poll it with ``wait_for``).
 Standalone (for benchmarks; records off so memory stays flat)::
 
     python -m tests.fake_main_server --port 8090 --delay 0.1 [--api-key KEY]
+        [--timings PATH]
+
+``--timings PATH`` keeps, for every request, only ``telegram_id started
+ended`` (``time.monotonic()``, the clock every process of the machine shares)
+and writes them to PATH, one request a line, when the fake stops: the bench
+tells from them how the calls of one round overlapped.
 """
 
 from __future__ import annotations
@@ -431,6 +437,8 @@ class FakeMainServer:
         self.port = port
         self.api_key = api_key
         self.record = record
+        # The CLI's --timings: every request's entry, kept even without records.
+        self.timings: list[dict] | None = None
         self._initial = (float(delay), connected_by_default)
         self._lock = threading.Lock()
         # Set by reset() and stop(): wakes the slow and dripping answers of
@@ -577,6 +585,8 @@ class FakeMainServer:
             self._max_in_flight = max(self._max_in_flight, self._in_flight)
             if self.record:
                 self._requests.append(entry)
+            if self.timings is not None:
+                self.timings.append(entry)
             wait = self.delays.get(path, self.delay)
             drip, fail, down = self.drip, self.fail, self.down
         try:
@@ -645,9 +655,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8090)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before every answer")
     parser.add_argument("--api-key", default=API_KEY, help="the expected X-API-SECRET-KEY")
+    parser.add_argument("--timings", default=None, metavar="PATH",
+                        help="write 'telegram_id started ended' per request here on exit")
     args = parser.parse_args(argv)
     fake = FakeMainServer(args.host, args.port, api_key=args.api_key, delay=args.delay,
                           record=False)
+    if args.timings:
+        fake.timings = []
     # A plain flag: Event.set() in a signal handler can deadlock.
     stop_requested: list[int] = []
 
@@ -663,6 +677,11 @@ def main(argv: list[str] | None = None) -> None:
             time.sleep(0.2)
     finally:
         fake.stop()
+        if args.timings:
+            with open(args.timings, "w") as out:
+                for entry in fake.timings:
+                    out.write(f"{entry['telegram_id']} {entry['started']:.6f} "
+                              f"{entry['ended'] or entry['started']:.6f}\n")
 
 
 if __name__ == "__main__":
