@@ -24,6 +24,11 @@ separately): a killed Redis refuses at once, a paused one costs one timeout.
 
 Per-user generation guard (limits and contexts)
 -----------------------------------------------
+Only with ``REDIS_USER_CACHE`` (off by default: measured, the copies cost the
+workers more than they spare PostgreSQL). Off, ``read_user`` is a miss and the
+writes are no-ops without a round trip; invalidations are still sent, so that
+instances that have it on never serve what a change made stale.
+
 Race: a request reads PostgreSQL, then (preempted, slow) writes what it read
 to Redis; meanwhile a refund, reset, limit change or history deletion changed
 PostgreSQL and cleared Redis. The late write would bring the old state back
@@ -337,12 +342,14 @@ class Cache:
         *,
         timeout: float = 0.05,
         prefix: str = "ai_chat:",
+        user_entries: bool = True,
         retry_interval: float = RETRY_INTERVAL,
         pool_size: int = POOL_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.url = url
         self.configured = url is not None
+        self.user_entries = self.configured and user_entries
         self.timeout = timeout
         self.prefix = prefix
         self.retry_interval = retry_interval
@@ -362,7 +369,8 @@ class Cache:
     @classmethod
     def from_config(cls, config) -> Cache:
         return cls(
-            config["REDIS_URL"], timeout=config["REDIS_TIMEOUT"], prefix=config["REDIS_PREFIX"]
+            config["REDIS_URL"], timeout=config["REDIS_TIMEOUT"], prefix=config["REDIS_PREFIX"],
+            user_entries=config["REDIS_USER_CACHE"],
         )
 
     # --- keys -----------------------------------------------------------------------
@@ -426,7 +434,7 @@ class Cache:
         asked for), fallback under both when Redis could not answer (then
         ``MISS``: no token, so the writes that follow are skipped).
         """
-        if not self.configured:
+        if not self.user_entries:
             return MISS
         uses = [use for use, wanted in (("limits", limits), ("context", context)) if wanted]
         args = [_new_gen(), GEN_TTL * 1000, int(limits), int(context)]
@@ -451,7 +459,7 @@ class Cache:
         stored for a later day or a higher count is kept instead. True when
         stored. Without a token (``read_user`` failed) the stored entry may
         be behind this one and cannot be replaced safely: it is invalidated."""
-        if not self.configured:
+        if not self.user_entries:
             return False
         if gen is None:
             self.invalidate_user(telegram_id)
@@ -474,7 +482,7 @@ class Cache:
         """Populate the user's context with ``exchanges`` (``(row_id, message,
         response)`` read from PostgreSQL; ``[]`` = known empty) when the token
         is still ``gen`` and no entry exists. True when stored."""
-        if not self.configured or gen is None:
+        if not self.user_entries or gen is None:
             return False
         gen_key, _, context_key = self._user_keys(telegram_id)
         args: list = [gen, CONTEXT_TTL * 1000, GEN_TTL * 1000]
@@ -491,7 +499,7 @@ class Cache:
         newest ``keep`` by row id, when the entry exists and the token is
         still ``gen``; otherwise drop the entry (and start a new token) so the
         next read goes to PostgreSQL. True when appended."""
-        if not self.configured:
+        if not self.user_entries:
             return False
         gen_key, _, context_key = self._user_keys(telegram_id)
         # Without a token (Redis failed when it was read) the entry cannot be

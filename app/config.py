@@ -376,6 +376,10 @@ def redis_settings(env: Mapping) -> dict:
         "REDIS_TIMEOUT": env_number(env, "REDIS_TIMEOUT", 0.05, float, 0.001, 5.0),
         "REDIS_PREFIX": env_text(env, "REDIS_PREFIX", "ai_chat:"),
         "ANSWER_CACHE": env_flag(env, "ANSWER_CACHE", True),
+        # Limits and contexts copied to Redis (bench/RESULTS.md, v1.2): three
+        # round trips per send cost the workers more CPU than the context rows
+        # they spare PostgreSQL, which reads them in the reservation anyway.
+        "REDIS_USER_CACHE": env_flag(env, "REDIS_USER_CACHE", False),
         "ANSWER_CACHE_TTL": env_number(env, "ANSWER_CACHE_TTL", 86400, int, 1, 30 * 86400),
     }
 

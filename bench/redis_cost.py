@@ -3,8 +3,8 @@
 ``python -m bench.redis_cost``: a scratch database with returning users
 (10 exchanges and a summary each, bench/servers.py ``load_users``), the fake
 model in its own process, and the app in this process, once with ``REDIS_URL``
-unset and once set (the machine's Redis, a key prefix of its own, deleted
-afterwards). Sends of those users through the Flask test client, in
+unset and once set with limits and contexts in Redis (``REDIS_USER_CACHE``;
+the machine's Redis, a key prefix of its own, deleted afterwards). Sends of those users through the Flask test client, in
 interleaved batches, CPU of this process only (time.process_time), fastest
 batch kept as in bench/whatif.py; and each Redis call of a send by itself.
 PostgreSQL's CPU per send is read from /proc over the same batches (its
@@ -37,7 +37,7 @@ def _app(database_url: str, llm_url: str, redis_prefix: str | None):
            "OPENAI_API_KEY": "", "DAILY_LIMIT": "1000000", "LOG_LEVEL": "WARNING",
            "USER_CONTEXT_URL": ""}
     if redis_prefix:
-        env.update(REDIS_URL=RedisKeys.URL, REDIS_PREFIX=redis_prefix)
+        env.update(REDIS_URL=RedisKeys.URL, REDIS_PREFIX=redis_prefix, REDIS_USER_CACHE="true")
     return create_app(env)
 
 

@@ -123,7 +123,10 @@ NO_SUMMARIES = (("SUMMARY_ENABLED", "false"),)
 # Redis's replies on this shared box lag past the default 50 ms timeout under
 # load (redis-cli --latency: up to 83 ms); the -redis500 twins show what Redis
 # costs and saves when it stays up.
-REDIS_500 = (("REDIS_TIMEOUT", "0.5"),)
+# The -redis twins measure limits and contexts in Redis (off by default, as
+# these twins measured: README, "Redis in front of PostgreSQL").
+USER_CACHE = (("REDIS_USER_CACHE", "true"),)
+REDIS_500 = USER_CACHE + (("REDIS_TIMEOUT", "0.5"),)
 # A price for the model and a cap no user reaches: the cap is checked and the
 # cost added on every answer, nobody is refused.
 SPEND = (("LLM_PRICES", "gpt-4o-mini=0.15:0.60"), ("DAILY_SPEND_LIMIT", "1000"))
@@ -196,17 +199,19 @@ PLAN = (
     Scenario("fast-50-users", "service", FAST, 50, users=FAST_USERS,
              description="returning users, no Redis"),
     Scenario("fast-50-users-redis", "service", FAST, 50, users=FAST_USERS, redis=True,
-             description="returning users, Redis"),
+             env=USER_CACHE, description="returning users, limits and contexts in Redis"),
+    Scenario("fast-50-users-redisdefault", "service", FAST, 50, users=FAST_USERS, redis=True,
+             description="returning users, Redis at its defaults (no limits or contexts)"),
     Scenario("fast-50-users-redis500", "service", FAST, 50, users=FAST_USERS, redis=True,
-             env=REDIS_500, description="returning users, Redis with a 500 ms timeout"),
+             env=REDIS_500, description="returning users, limits and contexts in Redis, 500 ms"),
     Scenario("fast-50-users-nosum", "service", FAST, 50, users=FAST_USERS, env=NO_SUMMARIES,
              description="returning users, no summaries"),
     Scenario("slow-200-users", "service", SLOW, 200, users=SLOW_USERS,
              description="returning users, no Redis"),
     Scenario("slow-200-users-redis", "service", SLOW, 200, users=SLOW_USERS, redis=True,
-             description="returning users, Redis"),
+             env=USER_CACHE, description="returning users, limits and contexts in Redis"),
     Scenario("slow-200-users-redis500", "service", SLOW, 200, users=SLOW_USERS, redis=True,
-             env=REDIS_500, description="returning users, Redis with a 500 ms timeout"),
+             env=REDIS_500, description="returning users, limits and contexts in Redis, 500 ms"),
     Scenario("slow-200-users-nosum", "service", SLOW, 200, users=SLOW_USERS, env=NO_SUMMARIES,
              description="returning users, no summaries"),
     Scenario("fast-50-spend", "service", FAST, 50, env=SPEND,

@@ -310,12 +310,13 @@ def delete_keys(url: str, prefix: str) -> None:
 @pytest.fixture
 def redis_env():
     """Env overrides for ``make_app`` / ``Cache``: the shared test Redis under a
-    key prefix of this test's own, whose keys are deleted afterwards.
+    key prefix of this test's own, whose keys are deleted afterwards, with
+    every use of Redis on (limits and contexts too, off by default).
 
     ``make_app(**redis_env)``.
     """
     prefix = f"ai_chat_test_{uuid.uuid4().hex[:12]}:"
-    yield {"REDIS_URL": TEST_REDIS_URL, "REDIS_PREFIX": prefix}
+    yield {"REDIS_URL": TEST_REDIS_URL, "REDIS_PREFIX": prefix, "REDIS_USER_CACHE": "true"}
     delete_keys(TEST_REDIS_URL, prefix)
 
 

@@ -116,7 +116,8 @@ def fault_env(fake_url: str, redis_url: str | None = None,
         "LOG_LEVEL": "INFO",
     }
     if redis_url is not None:
-        env["REDIS_URL"] = redis_url
+        # Every use of Redis, limits and contexts included (off by default).
+        env.update(REDIS_URL=redis_url, REDIS_USER_CACHE="true")
     return env
 
 

@@ -379,6 +379,7 @@ def test_without_redis_url_there_is_no_redis_and_the_defaults_apply():
         "REDIS_PREFIX": "ai_chat:",
         "ANSWER_CACHE": True,
         "ANSWER_CACHE_TTL": 86400,
+        "REDIS_USER_CACHE": False,
     }
 
 
@@ -483,15 +484,15 @@ def test_answer_cache_accepts_the_usual_yes_and_no_words(raw, expected):
 
 def test_redis_settings_reach_the_app_config(sqlite_url, monkeypatch):
     for name in ("REDIS_URL", "REDIS_TIMEOUT", "REDIS_PREFIX", "ANSWER_CACHE",
-                 "ANSWER_CACHE_TTL"):
+                 "ANSWER_CACHE_TTL", "REDIS_USER_CACHE"):
         monkeypatch.delenv(name, raising=False)
     app = create_app({
         "API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, "REDIS_URL": "redis://redis:6379",
         "REDIS_TIMEOUT": "0.2", "REDIS_PREFIX": "wb:", "ANSWER_CACHE": "no",
-        "ANSWER_CACHE_TTL": "600",
+        "ANSWER_CACHE_TTL": "600", "REDIS_USER_CACHE": "yes",
     })
 
     assert (app.config["REDIS_URL"], app.config["REDIS_TIMEOUT"], app.config["REDIS_PREFIX"],
-            app.config["ANSWER_CACHE"], app.config["ANSWER_CACHE_TTL"]) == (
-        "redis://redis:6379", 0.2, "wb:", False, 600)
-    assert app.extensions["cache"].configured
+            app.config["ANSWER_CACHE"], app.config["ANSWER_CACHE_TTL"],
+            app.config["REDIS_USER_CACHE"]) == ("redis://redis:6379", 0.2, "wb:", False, 600, True)
+    assert app.extensions["cache"].configured and app.extensions["cache"].user_entries

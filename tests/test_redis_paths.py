@@ -141,6 +141,30 @@ def test_a_stream_of_a_cached_question_is_one_delta_and_done(make_app, redis_env
 # --- limits and contexts: fewer statements, nothing stale -------------------------------
 
 
+def test_by_default_redis_holds_common_answers_but_no_limits_or_contexts(
+    counted, redis_env, fake_llm  # noqa: F811
+):
+    """REDIS_USER_CACHE is off unless set (it costs more than it saves): the
+    reservation reads the context, the limits come from PostgreSQL, and
+    Redis holds the common answers and nothing of any user."""
+    api, counter = counted(**{**redis_env, "REDIS_USER_CACHE": "false"}, DAILY_LIMIT="2")
+    answered(api.send(1, message=QUESTION))
+    counter.reset()
+    second = answered(api.send(1, message="Второй вопрос"))
+    refused = api.send(1)
+    limits = api.limits(1).get_json()
+
+    assert second["cached"] is False and refused.status_code == 429
+    assert counter.parameters[0]["context"] == 5  # the reservation read the context
+    assert len(counter.statements) == 4  # reservation, save; refusal; limits
+    assert limits["requests_today"] == 2
+    assert answered(api.send(2, message=QUESTION))["cached"] is True
+    with redis_py.Redis.from_url(redis_env["REDIS_URL"], decode_responses=True) as client:
+        kinds = {key.removeprefix(redis_env["REDIS_PREFIX"]).partition(":")[0]
+                 for key in client.scan_iter(match=f"{redis_env['REDIS_PREFIX']}*")}
+    assert kinds == {"answer"}
+
+
 def test_a_user_at_the_limit_is_refused_from_redis_without_a_statement(
     counted, redis_env, fake_llm  # noqa: F811
 ):
@@ -267,7 +291,7 @@ def test_the_quota_stays_exact_at_eighty_concurrent_sends_with_redis(
 def test_the_quota_stays_exact_when_redis_fails_in_the_middle_of_the_load(
     make_app, throwaway_redis, fake_llm, sql, caplog, fault
 ):
-    app = make_app(REDIS_URL=throwaway_redis.url, REDIS_TIMEOUT="0.05")
+    app = make_app(REDIS_URL=throwaway_redis.url, REDIS_USER_CACHE="true", REDIS_TIMEOUT="0.05")
     fake_llm.latency = 0.1
     results = []
     with served(app) as url:
@@ -294,7 +318,7 @@ def test_redis_down_at_boot_changes_nothing_for_the_client(
     make_app, throwaway_redis, fake_llm, sql
 ):
     throwaway_redis.stop()
-    api = Api(make_app(REDIS_URL=throwaway_redis.url).test_client())
+    api = Api(make_app(REDIS_URL=throwaway_redis.url, REDIS_USER_CACHE="true").test_client())
 
     assert answered(api.send(1, message=QUESTION))["cached"] is False
     assert api.limits(1).get_json()["requests_today"] == 1
@@ -306,7 +330,7 @@ def test_redis_down_at_boot_changes_nothing_for_the_client(
 def test_redis_going_away_and_coming_back_is_logged_once_each(
     make_app, throwaway_redis, fake_llm, caplog
 ):
-    api = Api(make_app(REDIS_URL=throwaway_redis.url).test_client())
+    api = Api(make_app(REDIS_URL=throwaway_redis.url, REDIS_USER_CACHE="true").test_client())
     caplog.set_level(logging.INFO, logger="app.cache")
     answered(api.send(1))
     throwaway_redis.kill()
@@ -325,7 +349,8 @@ def test_redis_going_away_and_coming_back_is_logged_once_each(
 def test_keys_evicted_or_flushed_are_misses_answered_by_postgresql(
     make_app, throwaway_redis, fake_llm, sql
 ):
-    api = Api(make_app(REDIS_URL=throwaway_redis.url, DAILY_LIMIT="2").test_client())
+    app = make_app(REDIS_URL=throwaway_redis.url, REDIS_USER_CACHE="true", DAILY_LIMIT="2")
+    api = Api(app.test_client())
     answered(api.send(1, message="Первый"))
     answered(api.send(1, message="Второй"))
     redis_py.Redis.from_url(throwaway_redis.url).flushall()
