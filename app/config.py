@@ -350,6 +350,9 @@ def memory_settings(env: Mapping, models: Mapping[str, str], default_model: str)
         "SUMMARY_MODEL": model,
         "SUMMARY_MAX_CHARS": env_number(env, "SUMMARY_MAX_CHARS", 1500, int, 200, 20000),
         "SUMMARY_EVERY": env_number(env, "SUMMARY_EVERY", 5, int, 1, 1000),
+        # Folds under way at once per process: each waits on the model, so a
+        # process folds at most SUMMARY_THREADS / model latency sellers a second.
+        "SUMMARY_THREADS": env_number(env, "SUMMARY_THREADS", 2, int, 1, 64),
     }
 
 

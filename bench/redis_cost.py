@@ -4,9 +4,10 @@
 (10 exchanges and a summary each, bench/servers.py ``load_users``), the fake
 model in its own process, and the app in this process, once with ``REDIS_URL``
 unset and once set with limits and contexts in Redis (``REDIS_USER_CACHE``;
-the machine's Redis, a key prefix of its own, deleted afterwards). Sends of those users through the Flask test client, in
-interleaved batches, CPU of this process only (time.process_time), fastest
-batch kept as in bench/whatif.py; and each Redis call of a send by itself.
+the machine's Redis, a key prefix of its own, deleted afterwards). Sends of
+those users through the Flask test client, in interleaved batches, CPU of
+this process only (time.process_time), fastest batch kept as in
+bench/whatif.py; and each Redis call of a send by itself.
 PostgreSQL's CPU per send is read from /proc over the same batches (its
 backends for the scratch database), so both sides of the trade are shown.
 """

@@ -166,6 +166,22 @@ def test_two_instances_never_fold_the_same_user_at_once(make_app, fake_llm, sql)
     assert sql("SELECT summary FROM ai_chat_summaries WHERE telegram_id = 5") == [(SUMMARY,)]
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_process_folds_summary_threads_sellers_at_once(memory_api, fake_llm, threads):
+    api = memory_api(SUMMARY_THREADS=str(threads), OPENAI_TIMEOUT="10", LLM_DEADLINE="20")
+    # Slow summaries: the folds still under way when the last seller's is due.
+    fake_llm.script_for(SUMMARY_MODEL, *[ok(SUMMARY, delay=3.0)] * 3)
+    for telegram_id in (1, 2, 3):
+        converse(api, 10, telegram_id=telegram_id)
+
+    # Every fold of the pool has reached the model before the first is back;
+    # the others wait for a thread.
+    fake_llm.wait_for(lambda: len(summary_requests(fake_llm)) == 3, timeout=1.5)
+    assert len(summary_requests(fake_llm)) == threads
+    for telegram_id in (1, 2, 3):
+        assert wait_for_summary(api, fake_llm, telegram_id)["summary"] == SUMMARY
+
+
 def test_a_fold_that_was_due_when_the_worker_died_is_done_later_by_the_sweep(
     memory_api, fake_llm, sql
 ):

@@ -7,7 +7,8 @@ read there too, for free: the id of the exchange that will be the
 ``SUMMARY_EVERY``-th outside the window once this answer is saved
 (``fold_offset``). When it is newer than what the summary covers, the answer,
 once saved, hands the user to this process's folder: a small fixed pool of
-background threads. A send never waits for it and never fails because of it.
+background threads (``SUMMARY_THREADS``). A send never waits for it and never
+fails because of it.
 
 A fold, in a background thread:
 1. marks the fold due (``due_at``, durable) and takes the user's lease in one
@@ -50,7 +51,6 @@ from app.chat import records, spend
 
 log = logging.getLogger(__name__)
 
-FOLD_THREADS = 2
 FOLD_QUEUE = 256  # users waiting in one process; more are found by the sweeper
 FOLD_MAX_EXCHANGES = 40
 FOLD_EXCHANGE_CHARS = 2000  # of each message and each answer, for the summary's prompt
@@ -218,7 +218,8 @@ class Folder:
         # A pool inherited across fork has no threads: build this process's own.
         self._pid = os.getpid()
         self._queued = set()
-        self._pool = ThreadPoolExecutor(FOLD_THREADS, thread_name_prefix="ai-chat-fold")
+        self._pool = ThreadPoolExecutor(self.app.config["SUMMARY_THREADS"],
+                                        thread_name_prefix="ai-chat-fold")
         threading.Thread(target=self._sweep_forever, name="ai-chat-fold-sweeper",
                          daemon=True).start()
 
