@@ -132,7 +132,6 @@ import random
 import re
 import select
 import selectors
-import signal
 import socket
 import threading
 import time
@@ -140,6 +139,8 @@ from collections import deque
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.servers import serve_until_signalled
 
 __all__ = [
     "FakeLLM",
@@ -1540,23 +1541,7 @@ def main(argv: list[str] | None = None) -> None:
         fake.tools_forever = [(name.strip(), {}) for name in args.tools_forever.split(",")
                               if name.strip()]
         # reset() forgets tools_forever; the standalone fake is never reset.
-    # A plain flag rather than threading.Event: Event.set() inside a signal
-    # handler can deadlock if the signal lands while wait() holds its lock.
-    stop_requested: list[int] = []
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop_requested.append(signum)
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-
-    fake.start()
-    print(f"Fake LLM listening on {fake.url}", flush=True)
-    try:
-        while not stop_requested:
-            time.sleep(0.2)
-    finally:
-        fake.stop()
+    serve_until_signalled(fake, f"Fake LLM listening on {fake.url}")
 
 
 if __name__ == "__main__":

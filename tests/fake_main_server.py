@@ -59,13 +59,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import signal
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from tests.servers import serve_until_signalled
 
 __all__ = ["API_KEY", "BASE_PATH", "FakeMainServer", "review", "NO_CABINET"]
 
@@ -662,21 +663,9 @@ def main(argv: list[str] | None = None) -> None:
                           record=False)
     if args.timings:
         fake.timings = []
-    # A plain flag: Event.set() in a signal handler can deadlock.
-    stop_requested: list[int] = []
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop_requested.append(signum)
-
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
-    fake.start()
-    print(f"Fake main server listening on {fake.url}{BASE_PATH}", flush=True)
     try:
-        while not stop_requested:
-            time.sleep(0.2)
+        serve_until_signalled(fake, f"Fake main server listening on {fake.url}{BASE_PATH}")
     finally:
-        fake.stop()
         if args.timings:
             with open(args.timings, "w") as out:
                 for entry in fake.timings:

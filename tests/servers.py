@@ -1,7 +1,8 @@
 """Real server processes for end-to-end tests: any server as a child process
 (``ServerProcess``), the service under gunicorn with the project's
 gunicorn.conf.py (``Gunicorn``) on a free loopback port, and the bot's sends
-over real HTTP (``post_send``, ``send_all_at_once``)."""
+over real HTTP (``post_send``, ``send_all_at_once``); and the loop of a fake
+server run as a process of its own (``serve_until_signalled``)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,27 @@ def wait_until_up(url: str, timeout: float = 20.0, process=None) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+def serve_until_signalled(fake, banner: str) -> None:
+    """Start ``fake`` (a fake server with start() and stop()), print
+    ``banner`` and serve until SIGINT or SIGTERM, then stop it."""
+    # A plain flag rather than threading.Event: Event.set() inside a signal
+    # handler can deadlock if the signal lands while wait() holds its lock.
+    stop_requested: list[int] = []
+
+    def _on_signal(signum, frame) -> None:
+        stop_requested.append(signum)
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    fake.start()
+    print(banner, flush=True)
+    try:
+        while not stop_requested:
+            time.sleep(0.2)
+    finally:
+        fake.stop()
 
 
 class ServerProcess:
