@@ -104,17 +104,7 @@ def run(settings: dict, out_dir: Path, seconds: float) -> Report | str:
     with (FakeLLM(seed=SEED, record=True) as fake, pg_cluster.PgCluster() as cluster,
           RedisServer() as redis):
         _migrate(cluster.url())
-        env = {
-            "API_SECRET_KEY": API_KEY,
-            "ADMIN_API_KEY": ADMIN_KEY,
-            "DATABASE_URL": cluster.url(),
-            "OPENAI_BASE_URL": fake.url,
-            "OPENAI_API_KEY": "",
-            "USER_CONTEXT_URL": "",
-            "REDIS_PREFIX": "ai_chat:",
-            **fault_env(fake.url, redis.url),
-            **settings["overrides"],
-        }
+        env = {**fault_env(fake.url, cluster.url(), ADMIN_KEY, redis.url), **settings["overrides"]}
         server = GunicornProcess("wsgi:app", env, settings["gunicorn"], out_dir, "faults")
         with server:
             target = Target(server.url, cluster.dsn(), cluster, fake, server.env, server.log,

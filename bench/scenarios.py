@@ -234,6 +234,7 @@ V12_PAIRS = (
     ("fast-50-users-redis", "fast-50-users", "redis"),
     ("slow-200-users-redis", "slow-200-users", "redis"),
     ("fast-50-users-redis500", "fast-50-users", "redis"),
+    ("fast-50-users-redisdefault", "fast-50-users", "redis"),
     ("slow-200-users-redis500", "slow-200-users", "redis"),
     ("fast-50-users", "fast-50-users-nosum", "memory"),
     ("slow-200-users", "slow-200-users-nosum", "memory"),

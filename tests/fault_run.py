@@ -29,10 +29,9 @@ what they were seen to do (PostgreSQL's log, the fake's outcomes, the
 service's log and metrics, the readiness answers), the requests by outcome,
 the answers' latencies and the violations (goal: none).
 
-The service must run with ``fault_env(fake_url, redis_url)`` in its
-environment (the slow model the fault clients ask, Redis, and
-LOG_LEVEL=INFO: the request lines say how each stream ended and which
-refusals Redis answered).
+The service must run with ``fault_env(…)`` as its environment (the slow
+model the fault clients ask, Redis, and LOG_LEVEL=INFO: the request lines
+say how each stream ended and which refusals Redis answered).
 """
 
 from __future__ import annotations
@@ -105,11 +104,18 @@ REDIS_SEEN_GRACE = 1.0
 REDIS_BACK_GRACE = 5.0
 
 
-def fault_env(fake_url: str, redis_url: str | None = None,
+def fault_env(fake_url: str, database_url: str, admin_key: str, redis_url: str | None = None,
               default_model: str = "gpt-4o-mini") -> dict[str, str]:
-    """What the service needs for the run: SLOW_MODEL on a provider of its own
-    (the same fake), Redis (when given), and the request log lines."""
+    """The service's environment for the run: the fake model, SLOW_MODEL on a
+    provider of its own (the same fake), the database, an admin key, Redis
+    (when given), and the request log lines."""
     env = {
+        "API_SECRET_KEY": API_KEY,
+        "ADMIN_API_KEY": admin_key,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": fake_url,
+        "OPENAI_API_KEY": "",
+        "USER_CONTEXT_URL": "",
         "OPENAI_MODEL": default_model,
         "LLM_PROVIDERS": f"slow={fake_url}",
         "LLM_MODELS": f"{default_model}@openai,{SLOW_MODEL}@slow",
@@ -117,7 +123,7 @@ def fault_env(fake_url: str, redis_url: str | None = None,
     }
     if redis_url is not None:
         # Every use of Redis, limits and contexts included (off by default).
-        env.update(REDIS_URL=redis_url, REDIS_USER_CACHE="true")
+        env.update(REDIS_URL=redis_url, REDIS_PREFIX="ai_chat:", REDIS_USER_CACHE="true")
     return env
 
 

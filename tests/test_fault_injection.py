@@ -41,7 +41,7 @@ from __future__ import annotations
 import pytest
 
 from tests import pg_cluster, redis_server
-from tests.conftest import API_KEY, migrate_to_head
+from tests.conftest import migrate_to_head
 from tests.fake_llm import FakeLLM
 from tests.fault_injectors import REDIS_FAULTS
 from tests.fault_run import FaultRun, Report, Shape, Target, fault_env
@@ -89,17 +89,7 @@ def report(tmp_path_factory) -> Report:
     with (FakeLLM(seed=SEED) as fake, pg_cluster.PgCluster() as cluster,
           RedisServer() as redis):
         migrate_to_head(cluster.url())
-        env = {
-            "API_SECRET_KEY": API_KEY,
-            "ADMIN_API_KEY": ADMIN_KEY,
-            "DATABASE_URL": cluster.url(),
-            "OPENAI_BASE_URL": fake.url,
-            "OPENAI_API_KEY": "",
-            "USER_CONTEXT_URL": "",
-            "REDIS_PREFIX": "ai_chat:",
-            **fault_env(fake.url, redis.url),
-            **SCALED,
-        }
+        env = {**fault_env(fake.url, cluster.url(), ADMIN_KEY, redis.url), **SCALED}
         server = Gunicorn(env, log_dir=tmp_path_factory.mktemp("faults"))
         # gunicorn.conf.py's own workers and threads, not the tests' small sizing.
         server.env.pop("WEB_CONCURRENCY")
