@@ -268,6 +268,26 @@ class Limits:
     estimate: Decimal = Decimal(0)
 
 
+def reservation_params(
+    telegram_id: int, day: Day, defaults: Limits, context: int,
+    fold_offset: int | None = None, newest: int = 0,
+) -> dict:
+    """The reservation statement's parameters (``reserve``; bench/ceiling.py
+    renders the same statement for pgbench)."""
+    return {
+        "telegram_id": telegram_id,
+        "today": day.today,
+        "now": day.now,
+        "default_limit": defaults.daily,
+        "default_spend_limit": defaults.spend,
+        "estimate": defaults.estimate,
+        "context": context,
+        "memory": fold_offset is not None,
+        "fold_offset": fold_offset or 0,
+        "newest": newest,
+    }
+
+
 def reserve(
     conn: Connection, telegram_id: int, day: Day, defaults: Limits, context: int,
     fold_offset: int | None = None, newest: int = 0,
@@ -281,18 +301,7 @@ def reserve(
     (to check a copy of the context against) and, unless ``fold_offset`` is
     None (no summaries), their memory (same round trip; on PostgreSQL only).
     """
-    params = {
-        "telegram_id": telegram_id,
-        "today": day.today,
-        "now": day.now,
-        "default_limit": defaults.daily,
-        "default_spend_limit": defaults.spend,
-        "estimate": defaults.estimate,
-        "context": context,
-        "memory": fold_offset is not None,
-        "fold_offset": fold_offset or 0,
-        "newest": newest,
-    }
+    params = reservation_params(telegram_id, day, defaults, context, fold_offset, newest)
     if conn.dialect_name == "postgresql":
         rows = conn.run(_RESERVE_PG, params)
         count, counted_on, limit, preferred, refused_count, refused_on = rows[0][:6]

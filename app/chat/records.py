@@ -97,7 +97,7 @@ class Call:
     cost: Decimal | None
 
 
-def calls_params(calls: list[Call]) -> dict:
+def _calls_params(calls: list[Call]) -> dict:
     """The calls as the parallel arrays the PostgreSQL statements unnest."""
     return {
         "call_purposes": [call.purpose for call in calls],
@@ -106,6 +106,17 @@ def calls_params(calls: list[Call]) -> dict:
         "call_completion_tokens": [call.completion_tokens for call in calls],
         "call_costs": [call.cost for call in calls],
     }
+
+
+def _spent_params(values: dict, estimate: Decimal) -> dict:
+    return {"spend": values["cost"] or Decimal(0), "estimate": estimate,
+            "telegram_id": values["telegram_id"], "request_date": values["request_date"]}
+
+
+def save_params(values: dict, calls: list[Call], estimate: Decimal) -> dict:
+    """``SAVE``'s parameters on PostgreSQL (``save_answer``; bench/ceiling.py
+    renders the same statement for pgbench)."""
+    return {**values, **_calls_params(calls), **_spent_params(values, estimate)}
 
 
 def save_answer(
@@ -118,10 +129,8 @@ def save_answer(
 
     ``values``: the exchange's columns (``_EXCHANGE``).
     """
-    spent = {"spend": values["cost"] or Decimal(0), "estimate": estimate,
-             "telegram_id": values["telegram_id"], "request_date": values["request_date"]}
     if conn.dialect_name == "postgresql":
-        params = {**values, **calls_params(calls), **spent}
+        params = save_params(values, calls, estimate)
         if claim is not None:
             params.update(claim_id=claim.id, token=claim.token)
         rows = conn.run(SAVE if claim is None else _SAVE_COMPLETING_PG, params)
@@ -135,7 +144,7 @@ def save_answer(
         for call in calls:
             record_call(conn, values["telegram_id"], call, values["request_date"],
                         values["created_at"], row_id)
-        conn.run(_ADD_SPENT, spent)
+        conn.run(_ADD_SPENT, _spent_params(values, estimate))
         if claim is not None:
             conn.run(_COMPLETE, {"claim_id": claim.id, "row_id": row_id})
     return row_id
