@@ -34,6 +34,11 @@ class Deadline:
     def remaining(self) -> float:
         return self.at - time.monotonic()
 
+    def admitted_until(self, min_answer_seconds: float) -> float:
+        """The ``time.monotonic()`` after which ``admit`` refuses: what is left
+        then, less the writes after the answer, is under ``min_answer_seconds``."""
+        return self.at - WRITE_RESERVE_SECONDS - min_answer_seconds
+
     def budget(self, cap: float, reserve: float = 0.0) -> float:
         """Seconds a step may take: at most ``cap``, and never past the
         deadline less ``reserve`` for what must still follow it."""
@@ -67,7 +72,7 @@ def admit(
     server = request.environ.get("ai_chat.server")
     if server is not None and server.stopping_since is not None:
         raise refused
-    if deadline.remaining() - WRITE_RESERVE_SECONDS < min_answer_seconds:
+    if time.monotonic() > deadline.admitted_until(min_answer_seconds):
         raise refused
     if queue_timeout and time.monotonic() - deadline.arrived > queue_timeout:
         raise refused

@@ -31,7 +31,7 @@ from app.cache import MISS
 from app.chat import answers, idempotency, memory, prompts, quota, records, spend
 from app.chat.quota import Day, Usage
 from app.chat.seller_data import SellerData
-from app.chat.service import cached_usage, current_day
+from app.chat.service import cached_usage, current_day, limits_entry
 from app.deadline import WRITE_RESERVE_SECONDS, Deadline
 from app.errors import (
     DATABASE_OUTAGE,
@@ -40,7 +40,7 @@ from app.errors import (
     DailySpendLimitExceeded,
     RequestInProgress,
 )
-from app.llm import Completion, Tokens
+from app.llm import Completion, Model, Tokens
 from app.logs import annotate
 from app.render import Rendered, render
 from app.user_context import fetch_user_context
@@ -157,7 +157,6 @@ class Exchange:
         self.estimate = spend.answer_bound(self.config)
         self.view = MISS  # the user's entries in Redis, read before PostgreSQL
         self.answer_key: str | None = None  # set when the answer may be shared
-        self.chain = None
         self.seller: SellerData | None = None
         self.model_by = 0.0  # time.monotonic() by which the model must have answered
         self.messages: list[dict] = []
@@ -187,22 +186,15 @@ class Exchange:
         config = self.config
         default_limit = config["DAILY_LIMIT"]
         self.view = self.cache.read_user(command.telegram_id)
-        refused = self._refused_by_cache()
-        failure = None
         # A busy pool is waited for as long as admission would still let the
         # request in: it has time for an answer until then.
-        admitted_until = (command.deadline.at - WRITE_RESERVE_SECONDS
-                          - config["MIN_ANSWER_SECONDS"])
+        admitted_until = command.deadline.admitted_until(config["MIN_ANSWER_SECONDS"])
+        refused = self._refused_by_cache()
+        if refused is not None:
+            return self._refuse_from_cache(refused, admitted_until)
+        failure = None
         with sql.connection(wait_until=admitted_until) as conn:
-            if command.request_id and refused is not None:
-                # A retry of an answered request gets its answer, limit or not.
-                stored = idempotency.answer_of_key(
-                    conn, command.telegram_id, command.request_id, command.message,
-                    default_limit, self.day.today,
-                )
-                if stored is not None:
-                    return self._replay(stored)
-            elif command.request_id:
+            if command.request_id:
                 claimed = idempotency.claim_key(
                     conn, command.telegram_id, command.request_id, command.message,
                     self.day.now, self.claim_ttl(), default_limit, self.day.today,
@@ -214,15 +206,14 @@ class Exchange:
                 # An unknown model (422) or no model at all (503) is known
                 # before anything is reserved.
                 self.llm.route(command.model)
-                if refused is None:
-                    self.reservation = quota.reserve(
-                        conn, command.telegram_id, self.day,
-                        quota.Limits(default_limit, config["DAILY_SPEND_LIMIT"], self.estimate),
-                        0 if self.view.context is not None else config["CONTEXT_MESSAGES"],
-                        memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None,
-                        # Only the ids, to check Redis's copy against.
-                        config["CONTEXT_MESSAGES"] if self.view.context is not None else 0,
-                    )
+                self.reservation = quota.reserve(
+                    conn, command.telegram_id, self.day,
+                    quota.Limits(default_limit, config["DAILY_SPEND_LIMIT"], self.estimate),
+                    0 if self.view.context is not None else config["CONTEXT_MESSAGES"],
+                    memory.fold_offset(config) if config["SUMMARY_ENABLED"] else None,
+                    # Only the ids, to check Redis's copy against.
+                    config["CONTEXT_MESSAGES"] if self.view.context is not None else 0,
+                )
             except BaseException as error:
                 failure = error
         if failure is not None:
@@ -231,16 +222,11 @@ class Exchange:
             self._release_key()
             raise failure
         self.watch.lap("quota")
-        if refused is not None:
-            usage, self.day = refused
-            self._refuse(usage, "redis")
         reservation = self.reservation
         # The counter's day, when this instance's clock is behind it.
         self.day = reservation.day
-        self.cache.write_limits(command.telegram_id, self.view.gen, {
-            "day": reservation.day.today, "used": reservation.usage.used,
-            "limit": reservation.usage.limit,
-        })
+        self.cache.write_limits(command.telegram_id, self.view.gen,
+                                limits_entry(reservation.usage, reservation.day))
         if not reservation.granted:
             self._release_key()
             self._refuse(reservation.usage, "postgresql", reservation.spend)
@@ -251,7 +237,6 @@ class Exchange:
                 config, current_app.extensions["mainserver"], command.telegram_id,
                 self.llm.route(command.model, reservation.preferred_model),
             )
-            self.chain = self.seller.chain
             context = self._context()
             summary = self.reservation.memory.summary if self.reservation.memory else None
             seller_data = self._personalisation()
@@ -274,13 +259,36 @@ class Exchange:
         self.watch.lap("context")
         return None
 
+    @property
+    def chain(self) -> list[Model]:
+        """The models to try in turn (those that can take the seller's data)."""
+        return self.seller.chain
+
     def _refused_by_cache(self) -> tuple[Usage, Day] | None:
         """The usage and day of a user Redis says is already at the limit, or
         None: PostgreSQL decides."""
         cached = cached_usage(self.view, self.day)
-        if cached is None or cached[0].unlimited or cached[0].used < cached[0].limit:
+        if cached is None or cached[0].remaining != 0:
             return None
         return cached
+
+    def _refuse_from_cache(self, refused: tuple[Usage, Day], admitted_until: float) -> Answer:
+        """The 429 of a user Redis says is at the limit, with no statement
+        unless the request has a key: a retry of an answered request gets its
+        answer, limit or not. An unknown model (422) or none (503) comes first."""
+        command = self.command
+        if command.request_id:
+            with sql.connection(wait_until=admitted_until) as conn:
+                stored = idempotency.answer_of_key(
+                    conn, command.telegram_id, command.request_id, command.message,
+                    self.config["DAILY_LIMIT"], self.day.today,
+                )
+            if stored is not None:
+                return self._replay(stored)
+        self.llm.route(command.model)
+        self.watch.lap("quota")
+        usage, self.day = refused
+        self._refuse(usage, "redis")
 
     def _context(self) -> list[tuple]:
         """The past exchanges (id, message, response), oldest first: Redis's

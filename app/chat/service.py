@@ -84,8 +84,7 @@ def limits(telegram_id: int) -> dict:
     usage = cached_usage(view, day)
     if usage is None:
         usage, day = quota.usage_today(telegram_id, day, current_app.config["DAILY_LIMIT"])
-        cache.write_limits(telegram_id, view.gen,
-                           {"day": day.today, "used": usage.used, "limit": usage.limit})
+        cache.write_limits(telegram_id, view.gen, limits_entry(usage, day))
     else:
         usage, day = usage
     return {
@@ -105,6 +104,11 @@ def reset_limit(telegram_id: int) -> dict:
     if found:
         return {"success": True, "message": f"Лимит пользователя {telegram_id} успешно сброшен"}
     return {"success": False, "message": f"Пользователь {telegram_id} не найден"}
+
+
+def limits_entry(usage: Usage, day: Day) -> dict:
+    """Redis's limits entry for ``usage`` on ``day`` (read by ``cached_usage``)."""
+    return {"day": day.today, "used": usage.used, "limit": usage.limit}
 
 
 def cached_usage(view, day: Day) -> tuple[Usage, Day] | None:
