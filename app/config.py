@@ -177,6 +177,15 @@ def _names(env: Mapping, name: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in (env_text(env, name) or "").split(",") if part.strip())
 
 
+def _known(setting: str, model: str, models: Mapping[str, str], what: str = "") -> None:
+    """ConfigError unless ``model`` is one of LLM_MODELS (``setting`` names
+    where it was given: "NAME=" or "NAME: ")."""
+    if model not in models:
+        raise ConfigError(
+            f"{setting}{model!r}{what} is not one of LLM_MODELS ({', '.join(models)})"
+        )
+
+
 def llm_settings(env: Mapping) -> dict:
     """Providers, models, fallbacks and the breaker (contract, "Models").
 
@@ -224,19 +233,12 @@ def llm_settings(env: Mapping) -> dict:
                 "or OPENAI_BASE_URL"
             )
         models[model] = provider
-    if default_model not in models:
-        raise ConfigError(
-            f"OPENAI_MODEL={default_model!r} (the default model) is not one of LLM_MODELS "
-            f"({', '.join(models)})"
-        )
+    _known("OPENAI_MODEL=", default_model, models, " (the default model)")
     fallbacks = _names(env, "LLM_FALLBACK_MODELS")
     if len(set(fallbacks)) != len(fallbacks):
         raise ConfigError("LLM_FALLBACK_MODELS: a model is listed twice")
     for model in fallbacks:
-        if model not in models:
-            raise ConfigError(
-                f"LLM_FALLBACK_MODELS: {model!r} is not one of LLM_MODELS ({', '.join(models)})"
-            )
+        _known("LLM_FALLBACK_MODELS: ", model, models)
     return {
         "LLM_PROVIDERS": providers,
         "LLM_MODELS": models,
@@ -324,10 +326,7 @@ def spend_settings(env: Mapping, models: Mapping[str, str]) -> dict:
                 f"LLM_PRICES: {pair!r} is not model=<input>:<output> (per million tokens, "
                 "e.g. gpt-4o-mini=0.15:0.60)"
             )
-        if model not in models:
-            raise ConfigError(
-                f"LLM_PRICES: {model!r} is not one of LLM_MODELS ({', '.join(models)})"
-            )
+        _known("LLM_PRICES: ", model, models)
         prices[model] = rate
     currency = env_text(env, "PRICE_CURRENCY", "USD")
     if not re.fullmatch(r"[A-Z]{3}", currency):
@@ -343,8 +342,7 @@ def spend_settings(env: Mapping, models: Mapping[str, str]) -> dict:
 def memory_settings(env: Mapping, models: Mapping[str, str], default_model: str) -> dict:
     """The summary of long conversations (contract, "Memory of long conversations")."""
     model = env_text(env, "SUMMARY_MODEL", default_model)
-    if model not in models:
-        raise ConfigError(f"SUMMARY_MODEL={model!r} is not one of LLM_MODELS ({', '.join(models)})")
+    _known("SUMMARY_MODEL=", model, models)
     return {
         "SUMMARY_ENABLED": env_flag(env, "SUMMARY_ENABLED", True),
         "SUMMARY_MODEL": model,
@@ -458,7 +456,7 @@ def load_config(env: Mapping) -> dict:
         "USER_CONTEXT_URL": env_text(env, "USER_CONTEXT_URL"),
         "USER_CONTEXT_TIMEOUT": env_number(env, "USER_CONTEXT_TIMEOUT", 2.0, float, 0.05, 30.0),
         "USER_CONTEXT_API_KEY": env_text(env, "USER_CONTEXT_API_KEY", api_keys[0]),
-        **mainserver_settings(env),
+        **mainserver_settings(env, llm["LLM_MODELS"]),
         "PROXY_FIX_COUNT": env_number(env, "PROXY_FIX_COUNT", 0, int, 0, 10),
         "RESPONSE_FORMAT": _choice(env, "RESPONSE_FORMAT", "telegram_html", FORMATS),
         "STREAM_SNAPSHOT_INTERVAL": env_number(
@@ -477,7 +475,7 @@ def load_config(env: Mapping) -> dict:
 # --- the seller's own data: the main server's bot API and its tools (v1.2) ---------
 
 
-def mainserver_settings(env: Mapping) -> dict:
+def mainserver_settings(env: Mapping, models: Mapping[str, str]) -> dict:
     """The main server's bot API and the tools over it (contract, "The seller's
     own data"). Without ``MAIN_SERVER_URL`` nothing is ever called.
 
@@ -496,16 +494,9 @@ def mainserver_settings(env: Mapping) -> dict:
             )
     api_key = env_text(env, "MAIN_SERVER_API_KEY")
     _refuse_placeholder("MAIN_SERVER_API_KEY", _keys(api_key))
-    # Parsed again here (pure, once at start-up) so that this block joins
-    # load_config's dict in one line.
-    models = llm_settings(env)["LLM_MODELS"]
     without_tools = _names(env, "LLM_MODELS_WITHOUT_TOOLS")
     for model in without_tools:
-        if model not in models:
-            raise ConfigError(
-                f"LLM_MODELS_WITHOUT_TOOLS: {model!r} is not one of LLM_MODELS "
-                f"({', '.join(models)})"
-            )
+        _known("LLM_MODELS_WITHOUT_TOOLS: ", model, models)
     return {
         "MAIN_SERVER_URL": url,
         "MAIN_SERVER_API_KEY": api_key,
