@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.chat import service
-from app.chat.schemas import MAX_BIGINT, MAX_INTEGER, USAGE_GROUPS
+from app.chat.schemas import MAX_BIGINT, MAX_INTEGER, MAX_MONEY, USAGE_GROUPS
 from app.errors import ValidationFailed
 from app.extensions import db
 from app.models import MIGRATION_VERSION_TABLE, UTCDateTime, begin_transaction, ping_database
@@ -227,8 +227,11 @@ def set_spend_limit(telegram_id: int, amount: str) -> None:
             value = Decimal(amount)
         except InvalidOperation:
             value = None
-        if value is None or not value.is_finite() or value < 0:
-            raise click.BadParameter("an amount of 0 or more, or 'default'", param_hint="AMOUNT")
+        # The API's bounds (schemas.money_amount): the column holds no more.
+        if value is None or not value.is_finite() or not 0 <= value <= MAX_MONEY:
+            raise click.BadParameter(
+                f"an amount from 0 to {MAX_MONEY}, or 'default'", param_hint="AMOUNT"
+            )
     _update_settings(telegram_id, {"daily_spend_limit": value})
 
 

@@ -24,6 +24,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -1102,6 +1103,36 @@ def test_cli_set_limit_refuses_digits_that_are_not_a_limit_as_a_usage_error(
     assert result.exit_code == 2
     assert "LIMIT" in result.output
     assert stored_settings(sql) == (ALPHA_MODEL, 9)
+
+
+def stored_spend_limit(sql):
+    return sql("SELECT daily_spend_limit FROM ai_chat_user_settings WHERE telegram_id = 1")[0][0]
+
+
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [("2.5", Decimal("2.5")), ("0", Decimal(0)), ("1000000000", Decimal(10**9)),
+     ("default", None)],
+    ids=["amount", "zero", "max", "default"],
+)
+def test_cli_set_spend_limit_stores_the_users_cap(build, sql, user_with_settings, given, stored):
+    result = cli(build(), "set-spend-limit", "1", given)
+
+    assert result.exit_code == 0, result.output
+    assert stored_spend_limit(sql) == stored
+    assert stored_settings(sql) == (ALPHA_MODEL, 9)
+
+
+@pytest.mark.parametrize("given", ["-1", "abc", "NaN", "Infinity", "1e10", "1000000000.01"])
+def test_cli_set_spend_limit_refuses_what_the_api_refuses_as_a_usage_error(
+    build, sql, user_with_settings, given
+):
+    result = cli(build(), "set-spend-limit", "1", given)
+
+    # Beyond the API's bound used to reach the column and end in a traceback.
+    assert result.exit_code == 2, result.output
+    assert "AMOUNT" in result.output
+    assert stored_spend_limit(sql) is None
 
 
 @pytest.mark.parametrize(
