@@ -24,6 +24,7 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from app.chat.memory import Memory
+from app.chat.records import RELEASE_ESTIMATE
 from app.sql import Connection, Statement, as_date, run
 
 # A new user gets a row with 1. An existing row is bumped when it is under
@@ -142,11 +143,10 @@ _RECENT = Statement(
 # Gives back the unit of a failed answer, on the day it was counted on: after
 # that day's midnight the counter already restarted and owes nothing.
 _REFUND = Statement(
-    """
+    f"""
     UPDATE ai_chat_daily_limits
     SET request_count = request_count - 1, updated_at = :now,
-        spend_reserved = CASE WHEN COALESCE(spend_reserved, 0) > CAST(:estimate AS NUMERIC)
-                              THEN spend_reserved - CAST(:estimate AS NUMERIC) ELSE 0 END
+        {RELEASE_ESTIMATE}
     WHERE telegram_id = :telegram_id AND last_reset_date = :counted_on AND request_count > 0
     """
 )

@@ -34,14 +34,18 @@ _CALLS_PG = """
         CAST(:call_costs AS numeric[])) AS c(purpose, model, prompt_tokens,
         completion_tokens, cost)
 """
-# The answer's cost joins the day's spend on the counter row, and the estimate
-# its reservation held against the spend cap is given back (app/chat/quota.py);
-# nothing is locked when there is neither (an unpriced model, no cap).
-_SPENT = """
+# The estimate a reservation held against the spend cap, given back by the
+# save and by the refund (app/chat/quota.py) alike.
+RELEASE_ESTIMATE = (
+    "spend_reserved = CASE WHEN COALESCE(spend_reserved, 0) > CAST(:estimate AS NUMERIC) "
+    "THEN spend_reserved - CAST(:estimate AS NUMERIC) ELSE 0 END"
+)
+# The answer's cost joins the day's spend on the counter row, and its estimate
+# is given back; nothing is locked when there is neither (an unpriced model, no cap).
+_SPENT = f"""
     UPDATE ai_chat_daily_limits
     SET spend = COALESCE(spend, 0) + CAST(:spend AS NUMERIC),
-        spend_reserved = CASE WHEN COALESCE(spend_reserved, 0) > CAST(:estimate AS NUMERIC)
-                              THEN spend_reserved - CAST(:estimate AS NUMERIC) ELSE 0 END
+        {RELEASE_ESTIMATE}
     WHERE telegram_id = :telegram_id AND last_reset_date = :request_date
       AND (CAST(:spend AS NUMERIC) > 0 OR CAST(:estimate AS NUMERIC) > 0)
 """
