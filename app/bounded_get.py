@@ -13,6 +13,7 @@ fetch (app.user_context) and the main server's client (app.mainserver) use it.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import socket
 import ssl
@@ -30,7 +31,6 @@ class Answer:
 
     status: int
     body: bytes
-    url: str
 
 
 class UnsupportedURL(ValueError):
@@ -42,16 +42,21 @@ class TooManyRedirects(http.client.HTTPException):
 
 
 class ResponseTooLarge(ValueError):
-    """The body is longer than the caller accepts."""
+    """The body is longer than the caller accepts. ``status`` is the answer's
+    HTTP status: a caller may count a non-200 as an HTTP error whatever its
+    body's size."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def bounded_get(
     url: str,
     deadline: float,
     *,
-    headers: dict | None = None,
+    max_bytes: int,
     secret_headers: dict | None = None,
-    max_bytes: int = 256 * 1024,
 ) -> Answer:
     """GET ``url``, following redirects, all of it before ``deadline``
     (a ``time.monotonic()`` value). Any status is returned with its body.
@@ -60,7 +65,8 @@ def bounded_get(
         TimeoutError: the deadline passed (connecting, sending or reading).
         UnsupportedURL: the URL (or a redirect's) is not http(s).
         TooManyRedirects: the server kept redirecting.
-        ResponseTooLarge: the body is longer than ``max_bytes``.
+        ResponseTooLarge: the body is longer than ``max_bytes`` (whatever
+            the status, which it carries).
         OSError, http.client.HTTPException: the connection failed or the
             server answered something that is not HTTP.
     """
@@ -69,7 +75,7 @@ def bounded_get(
         scheme, host, port = _origin(url)
         if scheme not in ("http", "https") or not host:
             raise UnsupportedURL(f"unsupported URL scheme {scheme!r}")
-        sent = {"Accept": "application/json", **(headers or {})}
+        sent = {"Accept": "application/json"}
         if (scheme, host, port) == keyed_origin:
             sent.update(secret_headers or {})
         connection = _connection(scheme, host, port, deadline)
@@ -84,8 +90,10 @@ def bounded_get(
                 continue
             body = response.read(max_bytes + 1)
             if len(body) > max_bytes:
-                raise ResponseTooLarge(f"more than {max_bytes} bytes")
-            return Answer(response.status, body, url)
+                raise ResponseTooLarge(
+                    f"HTTP {response.status} with more than {max_bytes} bytes", response.status
+                )
+            return Answer(response.status, body)
         finally:
             connection.close()
     raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
@@ -121,13 +129,24 @@ def _remaining(deadline: float) -> float:
     return remaining
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One TLS context per process for every HTTPS GET here: building one
+    (loading the CA bundle) costs 23-29 ms of CPU. Not the one app.llm.providers
+    shares with httpx: this one's ``sslsocket_class`` is ``_DeadlineSSLSocket``,
+    which must not reach httpx's sockets."""
+    context = ssl.create_default_context()
+    context.sslsocket_class = _DeadlineSSLSocket
+    return context
+
+
 def _connection(scheme: str, host: str, port: int, deadline: float):
     """A connected HTTP(S) connection whose socket honours ``deadline``."""
     timeout = _remaining(deadline)
     if scheme == "https":
-        context = ssl.create_default_context()
-        context.sslsocket_class = _DeadlineSSLSocket
-        connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        connection = http.client.HTTPSConnection(
+            host, port, timeout=timeout, context=_tls_context()
+        )
         connection.connect()
         connection.sock.deadline = deadline
         return connection

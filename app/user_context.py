@@ -17,7 +17,7 @@ import json
 import logging
 import time
 
-from app.bounded_get import TooManyRedirects, UnsupportedURL, bounded_get
+from app.bounded_get import ResponseTooLarge, TooManyRedirects, UnsupportedURL, bounded_get
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,10 @@ def fetch_user_context(url_template: str, telegram_id: int, api_key: str, budget
     except _FetchFailed as failure:
         log.warning("user context: %s", failure)
         return None, failure.outcome
+    except ResponseTooLarge as error:
+        # A non-200 is an HTTP error whatever its body's size.
+        log.warning("user context: %s", error)
+        return None, "http_error" if error.status != 200 else "bad_response"
     except UnsupportedURL as error:
         log.warning("user context: %s", error)
         return None, "error"
