@@ -23,7 +23,9 @@ A circuit breaker (app.llm.breaker) stops calling a server that keeps
 failing: 5xx, bad answers, timeouts and connection errors count as failures;
 any answer that says the server is up (a no-cabinet reply included) closes
 it. While it is open, calls fail at once with BreakerOpen. It is
-``MainServer.breaker``, per process, so that it can later be shared.
+``MainServer.breaker``: built by ``from_config`` with app.llm.breaker's
+``make_breaker``, so shared by every instance through Redis when Redis is
+configured (``SharedBreaker``), else this process's own.
 """
 
 from __future__ import annotations
@@ -128,10 +130,9 @@ class MainServer:
         self._misconfigured_logged_at: float | None = None
 
     @classmethod
-    def from_config(cls, config, cache: Cache | None = None) -> MainServer:
+    def from_config(cls, config, cache: Cache) -> MainServer:
         """With Redis (``cache`` configured), the breaker and the tool results
         are shared by every instance; without it, they are this process's."""
-        shared = cache is not None and cache.configured
         return cls(
             config["MAIN_SERVER_URL"],
             config["MAIN_SERVER_API_KEY"],
@@ -140,7 +141,7 @@ class MainServer:
                 config["MAIN_SERVER_BREAKER_OPEN_SECONDS"], cache,
             ),
             settings=ToolSettings.from_config(config),
-            cache=RedisResults(cache) if shared else None,
+            cache=RedisResults(cache) if cache.configured else None,
         )
 
     @property

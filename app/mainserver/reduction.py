@@ -15,7 +15,6 @@ value of a dict (e.g. ``("products", "*", "warehouses", "*", "warehouse_name")``
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from typing import Any
@@ -40,8 +39,13 @@ def reduce_payload(
     rename: dict[tuple[str, ...], str] | None = None,
 ) -> Any:
     """``payload[root]`` (when it is there), without the ``drop`` paths, with
-    the ``rename`` paths' last keys renamed, then ``compact``."""
-    data = copy.deepcopy(payload)
+    the ``rename`` paths' last keys renamed, then ``compact``.
+
+    Changes ``payload`` in place (the drops and renames), without a copy: its
+    one caller (app.mainserver.run, through ``Tool.reduce``) passes a body
+    just parsed from the main server's answer, which nothing else holds.
+    """
+    data = payload
     if root is not None and isinstance(data.get(root), dict):
         data = data[root]
     for path in drop:
@@ -78,11 +82,15 @@ def compact(value: Any, key: str | None = None) -> Any:
 def fit(envelope: dict, data: Any, max_chars: int) -> str | None:
     """``envelope`` with ``"data": data`` as compact JSON of at most ``max_chars``
     characters: whole when it fits, else with items dropped from the end of the
-    longest lists and ``"truncated": true``; None when even that cannot fit."""
+    longest lists and ``"truncated": true``; None when even that cannot fit.
+
+    Truncating drops the items from ``data``'s own lists, in place: its caller
+    (app.mainserver.run) passes what ``reduce_payload`` just built and does not
+    use it afterwards.
+    """
     text = dumps(_wrap(envelope, data, truncated=False))
     if len(text) <= max_chars:
         return text
-    data = copy.deepcopy(data)
     while True:
         lists = [items for items in _lists(data) if items]
         if not lists:

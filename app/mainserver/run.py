@@ -26,9 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from app import metrics
+from app.cache import Cache
 from app.llm import ToolCall
 from app.mainserver.arguments import BadArguments, check_arguments, echo
-from app.mainserver.client import MainServer, MainServerError, MainServerTimeout, ToolSettings
+from app.mainserver.client import MainServer, MainServerError, MainServerTimeout
 from app.mainserver.reduction import dumps, fit
 from app.mainserver.tools import GENERIC_STATUS, TOOLS, Tool, metric_label
 
@@ -99,8 +100,11 @@ def status_text(call: ToolCall) -> str:
 
 def cache_key(telegram_id: int, name: str, arguments: dict) -> str:
     """The seller's own key for a call: the same tool and the same (checked,
-    defaulted) arguments give the same key, whatever their order."""
-    return f"ai_chat:tool:{CACHE_KEY_VERSION}:{telegram_id}:{name}:{dumps(_sorted(arguments))}"
+    defaulted) arguments give the same key, whatever their order. The
+    arguments (a search text or a list of warehouses: up to 200 characters)
+    go in as a digest; the namespace (``REDIS_PREFIX``, ``tool:``) is the
+    cache's (app.cache)."""
+    return f"{CACHE_KEY_VERSION}:{telegram_id}:{name}:{Cache.digest(dumps(_sorted(arguments)))}"
 
 
 def run_calls(
@@ -108,16 +112,15 @@ def run_calls(
     calls: list[ToolCall],
     telegram_id: int,
     budget: float,
-    settings: ToolSettings | None = None,
 ) -> list[ToolResult]:
     """Run one round's calls at the same time; one result per call, in order.
 
     ``telegram_id`` is the requester's: whatever the arguments say, it is the
-    only seller whose data is asked for. ``settings`` default to the server's
+    only seller whose data is asked for. The server's ``settings`` bound it
     (``TOOL_TIMEOUT``, ``TOOL_RESULT_MAX_CHARS``, ``TOOL_CACHE_SECONDS``).
     Never raises for a failed call.
     """
-    settings = settings or mainserver.settings
+    settings = mainserver.settings
     started = time.monotonic()
     deadline = started + max(0.0, min(settings.timeout, budget))
     results: list[ToolResult | None] = [None] * len(calls)
@@ -172,7 +175,8 @@ def dashboard_text(mainserver: MainServer, telegram_id: int, budget: float) -> s
     tool = TOOLS["get_dashboard"]
     settings = mainserver.settings
     started = time.monotonic()
-    key = f"ai_chat:dashboard_text:{CACHE_KEY_VERSION}:{telegram_id}"
+    # Among the tools' results, unlike any call's key (those start with the version).
+    key = f"dashboard_text:{CACHE_KEY_VERSION}:{telegram_id}"
     text = _cached(mainserver, key) if settings.cache_seconds else None
     outcome = "cached"
     if text is None:
@@ -235,9 +239,7 @@ def _data(mainserver: MainServer, tool: Tool, arguments: dict, telegram_id: int,
             unlike any the main server is known to send) as unavailable.
     """
     try:
-        payload = mainserver.get(
-            tool.path, tool.query(arguments), telegram_id, deadline - time.monotonic()
-        )
+        payload = mainserver.get(tool.path, arguments, telegram_id, deadline - time.monotonic())
         return tool.reduce(payload)
     except MainServerError:
         raise

@@ -3,11 +3,12 @@
 One ``Tool`` record per tool of the contract ("The seller's own data"): its
 name, what the model is told about it (Russian), the JSON schema of its
 arguments (also what checks them, app.mainserver.arguments), the main
-server's endpoint, how checked arguments become query parameters, how the
-endpoint's body is reduced to what informs the model (app.mainserver.reduction),
-a note marking the result as data, and the short Russian text a stream shows
-the seller while the call runs. No ``if name == …`` anywhere else: running a
-call (app.mainserver.run) only reads these records.
+server's endpoint (the checked arguments are its query parameters, by the
+same names), how the endpoint's body is reduced to what informs the model
+(app.mainserver.reduction), a note marking the result as data, and the short
+Russian text a stream shows the seller while the call runs. No
+``if name == …`` anywhere else: running a call (app.mainserver.run) only
+reads these records.
 
 ``telegram_id`` is never an argument: the client adds the requester's own.
 """
@@ -54,8 +55,6 @@ class Tool:
     drop: tuple[tuple[str, ...], ...] = ()
     rename: dict[tuple[str, ...], str] = field(default_factory=dict)
     note: str = DATA_NOTE
-    # Checked arguments → query parameters (the same names, unless said otherwise).
-    query: Callable[[dict], dict] = dict
 
     def spec(self) -> dict:
         """The tool as the OpenAI ``tools`` parameter describes a function."""
@@ -69,6 +68,8 @@ class Tool:
         }
 
     def reduce(self, payload: dict):
+        """The model's data from the endpoint's body (changed in place: see
+        ``reduce_payload``)."""
         return reduce_payload(payload, self.root, self.drop, self.rename)
 
 
@@ -247,6 +248,12 @@ def tool_specs(names=None) -> list[dict]:
     if unknown:
         raise KeyError(f"unknown tools: {', '.join(sorted(unknown))}")
     return [tool.spec() for name, tool in TOOLS.items() if name in wanted]
+
+
+# Every tool's spec, built once: what a send offers the model (app.chat.seller_data)
+# and what the answer cache's key names (app.chat.answers.TOOLS_VERSION). Shared
+# by every request: never mutated (the model's request body only refers to it).
+TOOL_SPECS: list[dict] = tool_specs()
 
 
 def metric_label(name: str) -> str:
