@@ -23,10 +23,16 @@ import re
 
 from app.cache import Cache
 from app.chat.prompts import SYSTEM_PROMPT
+from app.mainserver import TOOL_SPECS
 
 _SPACES = re.compile(r"\s+")
 _TRAILING = re.compile(r"[\s.!?…,;:)(\"'«»]+$")
 PROMPT_VERSION = hashlib.sha256(SYSTEM_PROMPT.encode()).hexdigest()[:16]
+
+
+# The registry's specs are the only tools a send offers (app.chat.seller_data):
+# their digest, computed once.
+TOOLS_VERSION = hashlib.sha256(json.dumps(TOOL_SPECS, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def normalised(question: str) -> str:
@@ -35,9 +41,9 @@ def normalised(question: str) -> str:
 
 
 def key(model: str, tools: list[dict] | None, question: str) -> str:
-    """The entry's key (a digest: questions are up to 4000 characters)."""
-    offered = hashlib.sha256(json.dumps(tools, sort_keys=True).encode()).hexdigest()[:16] \
-        if tools else "none"
+    """The entry's key (a digest: questions are up to 4000 characters);
+    ``tools``: what the send offers, the registry's specs or None."""
+    offered = TOOLS_VERSION if tools else "none"
     return Cache.digest(model, PROMPT_VERSION, offered, normalised(question))
 
 

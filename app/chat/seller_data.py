@@ -24,13 +24,13 @@ from collections.abc import Callable, Sequence
 
 from app.llm import Model, ToolCall
 from app.mainserver import (
+    TOOL_SPECS,
     MainServer,
     ToolResult,
     assistant_message,
     dashboard_text,
     run_calls,
     status_text,
-    tool_specs,
 )
 
 
@@ -43,7 +43,8 @@ class SellerData:
         self.max_rounds = config["TOOLS_MAX_ROUNDS"]
         without = set(config["LLM_MODELS_WITHOUT_TOOLS"])
         offered = mainserver.configured and config["TOOLS_ENABLED"] and chain[0].name not in without
-        self.specs: list[dict] | None = tool_specs() if offered else None
+        # The registry's specs, shared by every send: never mutated.
+        self.specs: list[dict] | None = TOOL_SPECS if offered else None
         self.chain = [model for model in chain if model.name not in without] if offered else chain
         self.used: list[str] = []
 

@@ -28,13 +28,13 @@ from app.chat.prompts import SYSTEM_PROMPT
 from app.chat.records import Call
 from app.chat.schemas import MAX_MESSAGE_CHARS, MAX_USER_CONTEXT_CHARS
 from app.llm import Tokens
-from app.mainserver import tool_specs
+from app.mainserver import TOOL_SPECS
 from app.mainserver.run import MAX_CALLS_PER_ROUND
 
 MILLION = Decimal(1_000_000)
 # A token is at least one byte of UTF-8: a Cyrillic letter is two.
 TOKENS_PER_CHAR = 2
-TOOL_SPECS_CHARS = len(json.dumps(tool_specs(), ensure_ascii=False))
+TOOL_SPECS_CHARS = len(json.dumps(TOOL_SPECS, ensure_ascii=False))
 # NUMERIC(18, 8) in the tables.
 PRECISION = Decimal("0.00000001")
 

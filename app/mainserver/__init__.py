@@ -32,10 +32,11 @@ from app.mainserver.run import (
     run_calls,
     status_text,
 )
-from app.mainserver.tools import TOOLS, Tool, tool_specs
+from app.mainserver.tools import TOOL_SPECS, TOOLS, Tool, tool_specs
 
 __all__ = [
     "TOOLS",
+    "TOOL_SPECS",
     "BreakerOpen",
     "MainServer",
     "MainServerError",
