@@ -14,7 +14,6 @@ writers behind it:
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -47,15 +46,14 @@ def create_index(
     """Create the index (partial with ``where``; on PostgreSQL covering the
     ``include`` columns too, for index-only scans) unless it exists, never
     blocking the table's writers."""
-    create = op.create_index
+    options = {}
     if where is not None:
-        condition = sa.text(where)
-        create = functools.partial(create, postgresql_where=condition, sqlite_where=condition)
+        options.update(postgresql_where=sa.text(where), sqlite_where=sa.text(where))
     if include:
         # SQLite has no INCLUDE: there the index is its key columns alone.
-        create = functools.partial(create, postgresql_include=include)
+        options.update(postgresql_include=include)
     if not postgresql():
-        create(name, table, columns, unique=unique, if_not_exists=True)
+        op.create_index(name, table, columns, unique=unique, if_not_exists=True, **options)
         return
     with op.get_context().autocommit_block():
         # A concurrent build that failed (or was killed) leaves an INVALID
@@ -68,10 +66,9 @@ def create_index(
             {"name": name},
         ).first()
         if invalid:
-            op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
-        create(
-            name, table, columns, unique=unique, postgresql_concurrently=True, if_not_exists=True
-        )
+            _drop_concurrently(name)
+        op.create_index(name, table, columns, unique=unique, postgresql_concurrently=True,
+                        if_not_exists=True, **options)
 
 
 def drop_index(name: str, table: str) -> None:
@@ -81,7 +78,11 @@ def drop_index(name: str, table: str) -> None:
         op.drop_index(name, table, if_exists=True)
         return
     with op.get_context().autocommit_block():
-        op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
+        _drop_concurrently(name)
+
+
+def _drop_concurrently(name: str) -> None:
+    op.execute(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"')
 
 
 def add_column(table: str, column: sa.Column) -> None:

@@ -108,12 +108,7 @@ class FakeLLMProcess:
             raise
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        _stop(self.process)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:

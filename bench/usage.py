@@ -79,12 +79,6 @@ class UsageFigures:
         values = sorted(self.times.get(key, {}).get("ms", []))
         return values[(len(values) - 1) // 2] if values else None
 
-    @property
-    def slowest(self) -> tuple[str, float] | None:
-        known = [(key, self.median_ms(key)) for key in self.times]
-        known = [(key, ms) for key, ms in known if ms is not None]
-        return max(known, key=lambda item: item[1]) if known else None
-
 
 def load_calls(database: BenchDatabase) -> tuple[str, date, date]:
     """One call per exchange into ai_chat_llm_calls (the secondary indexes

@@ -397,24 +397,10 @@ class FaultRun:
         )
         by_name = {injector.name: injector for injector in self.injectors}
 
-        def schedule() -> None:
-            started = []
-            for at, name, number in moments:
-                time.sleep(max(0.0, at - time.monotonic()))
-                injector = by_name[name]
-                thread = threading.Thread(
-                    target=injector.fire,
-                    args=(self, random.Random(f"{self.shape.seed}:{name}:{number}")),
-                    name=f"fault-{name}-{number}", daemon=True,
-                )
-                thread.start()
-                started.append(thread)
-            for thread in started:
-                thread.join()
+        def fire(name: str, number: int) -> None:
+            by_name[name].fire(self, random.Random(f"{self.shape.seed}:{name}:{number}"))
 
-        scheduler = threading.Thread(target=schedule, name="fault-scheduler", daemon=True)
-        scheduler.start()
-        return [scheduler]
+        return [_at_moments(moments, fire, "fault")]
 
     def _operate(self, began: float) -> list[threading.Thread]:
         """The operator's actions, each at its seeded moment in a thread of
@@ -443,20 +429,7 @@ class FaultRun:
                 with self._lock:
                     self.operations.append(operation)
 
-        def schedule() -> None:
-            started = []
-            for at, kind, number in moments:
-                time.sleep(max(0.0, at - time.monotonic()))
-                thread = threading.Thread(target=one, args=(kind, number), daemon=True,
-                                          name=f"fault-operation-{kind}-{number}")
-                thread.start()
-                started.append(thread)
-            for thread in started:
-                thread.join()
-
-        scheduler = threading.Thread(target=schedule, name="fault-operator", daemon=True)
-        scheduler.start()
-        return [scheduler]
+        return [_at_moments(moments, one, "fault-operation")]
 
     def _join(self, threads: list[threading.Thread]) -> list[str]:
         """Every client and injection ends (each request is bounded by its timeout)."""
@@ -482,13 +455,8 @@ class FaultRun:
 
     def _metric(self, name: str) -> float | None:
         """A metric of the service summed over its labels (None: unreadable)."""
-        try:
-            text = requests.get(f"{self.target.url}/metrics", timeout=10).text
-        except requests.RequestException:
-            return None
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                  if line.startswith((f"{name} ", f"{name}{{"))]
-        return sum(values) if values else None
+        series = self._metric_series(name)
+        return sum(value for _, value in series) if series else None
 
     def _streams_in_flight(self) -> float | None:
         return self._metric("ai_chat_streams_in_flight")
@@ -720,13 +688,34 @@ class FaultRun:
             return []
         series = []
         for line in text.splitlines():
-            if line.startswith(f"{name}{{"):
+            if line.startswith((f"{name} ", f"{name}{{")):
                 head, value = line.rsplit(" ", 1)
                 series.append((dict(_LABEL.findall(head)), float(value)))
         return series
 
 
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def _at_moments(moments, start, name: str) -> threading.Thread:
+    """A started scheduler that runs ``start(*rest)`` in a thread of its own
+    at each ``(at, *rest)`` of ``moments`` (sorted, monotonic times) and then
+    joins them all: joining it waits for every one."""
+
+    def schedule() -> None:
+        started = []
+        for at, *rest in moments:
+            time.sleep(max(0.0, at - time.monotonic()))
+            thread = threading.Thread(target=start, args=rest, daemon=True,
+                                      name=f"{name}-{'-'.join(map(str, rest))}")
+            thread.start()
+            started.append(thread)
+        for thread in started:
+            thread.join()
+
+    scheduler = threading.Thread(target=schedule, name=f"{name}-scheduler", daemon=True)
+    scheduler.start()
+    return scheduler
 
 
 def _log_time(line: dict) -> float:
