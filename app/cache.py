@@ -416,13 +416,6 @@ class Cache:
             self.key(use, key), value, px=milliseconds
         ))
 
-    def delete(self, use: str, key: str) -> bool:
-        """Forget ``key``; False when Redis could not be asked."""
-        _check_use(use)
-        if not self.configured:
-            return False
-        return self._write(use, lambda client: client.delete(self.key(use, key)) >= 0)
-
     # --- per-user entries behind the generation guard -------------------------------
 
     def read_user(
@@ -458,11 +451,13 @@ class Cache:
         With ``day`` (a date or ISO text) and ``used`` in it, an entry already
         stored for a later day or a higher count is kept instead. True when
         stored. Without a token (``read_user`` failed) the stored entry may
-        be behind this one and cannot be replaced safely: it is invalidated."""
+        be behind this one and cannot be replaced safely: it is invalidated,
+        now or, while Redis is down, on replay (not forced like
+        ``invalidate_user``: every send comes here while Redis is down)."""
         if not self.user_entries:
             return False
         if gen is None:
-            self.invalidate_user(telegram_id)
+            self._invalidate_or_remember(telegram_id)
             return False
         gen_key, limits_key, _ = self._user_keys(telegram_id)
         payload = _dumps({k: v for k, v in entry.items() if k != "written_at"})
@@ -522,16 +517,10 @@ class Cache:
         """
         if not self.configured:
             return False
-        try:
-            # Tried even while this process thinks Redis is down: another
-            # process that reaches it must not serve what this change made
-            # stale (a refusal after a refund). Rare, and bounded by
-            # REDIS_TIMEOUT like any call.
-            self._run(lambda client: self._invalidate(client, [telegram_id]), force=True)
-            return True
-        except _Fallback:
-            self._remember_invalidation(telegram_id)
-            return False
+        # Tried even while this process thinks Redis is down: another process
+        # that reaches it must not serve what this change made stale (a
+        # refusal after a refund). Rare, and bounded by REDIS_TIMEOUT like any call.
+        return self._invalidate_or_remember(telegram_id, force=True)
 
     # --- the shared circuit breaker's state -----------------------------------------
 
@@ -720,6 +709,14 @@ class Cache:
         keys = [key for telegram_id in telegram_ids for key in self._user_keys(telegram_id)]
         args = [GEN_TTL * 1000, *(_new_gen() for _ in telegram_ids)]
         _eval(client, _INVALIDATE_USERS, keys, args)
+
+    def _invalidate_or_remember(self, telegram_id: int, force: bool = False) -> bool:
+        try:
+            self._run(lambda client: self._invalidate(client, [telegram_id]), force=force)
+            return True
+        except _Fallback:
+            self._remember_invalidation(telegram_id)
+            return False
 
     def _remember_invalidation(self, telegram_id: int) -> None:
         with self._lock:
