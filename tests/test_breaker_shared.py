@@ -149,19 +149,26 @@ def test_a_probe_whose_outcome_never_comes_is_replaced_after_open_seconds(instan
 
 
 def test_the_healthy_path_asks_redis_at_most_once_per_refresh(make_cache, throwaway_redis):
-    breaker = shared(make_cache(throwaway_redis.url), refresh_seconds=1.0)
-    assert breaker.allow()
-    scripts = throwaway_redis.command_calls("evalsha") + throwaway_redis.command_calls("eval")
+    now = [1000.0]
+    breaker = shared(make_cache(throwaway_redis.url), refresh_seconds=1.0, clock=lambda: now[0])
+    assert breaker.allow()  # the first look at the shared state
 
-    started = time.monotonic()
-    for _ in range(2000):
-        assert breaker.allow()
-        assert breaker.state == "closed"
-        breaker.record_success()
-    elapsed = time.monotonic() - started
+    def scripts() -> int:
+        return throwaway_redis.command_calls("evalsha") + throwaway_redis.command_calls("eval")
 
-    after = throwaway_redis.command_calls("evalsha") + throwaway_redis.command_calls("eval")
-    assert after - scripts <= (0 if elapsed < 1.0 else 1 + int(elapsed))
+    # Per stretch of healthy calls, the clock moved by: 0 (the first look is
+    # fresh), a whole refresh, half of one, the other half.
+    asked = []
+    for step in (0.0, 1.0, 0.5, 0.5):
+        now[0] += step
+        before = scripts()
+        for _ in range(500):
+            assert breaker.allow()
+            assert breaker.state == "closed"
+            breaker.record_success()
+        asked.append(scripts() - before)
+
+    assert asked == [0, 1, 0, 1]
     assert throwaway_redis.command_calls("del") == 0
 
 

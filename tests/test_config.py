@@ -20,16 +20,34 @@ from app import create_app
 from tests.conftest import API_KEY
 from tests.servers import ROOT, VENV_BIN
 
-# Every setting the service reads; tests that check defaults remove them all.
+# Every setting the service reads (app/config.py; checked below by
+# test_settings_lists_every_setting_the_service_reads); tests that check
+# defaults remove them all. Besides these, one API key per extra provider:
+# LLM_PROVIDER_<NAME>_API_KEY.
 SETTINGS = (
-    "AI_CHAT_DATABASE_URL", "DATABASE_URL", "API_SECRET_KEY", "ADMIN_API_KEY",
-    "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_TEMPERATURE",
+    "AI_CHAT_DATABASE_URL", "DATABASE_URL", "MIGRATIONS_DATABASE_URL", "API_SECRET_KEY",
+    "ADMIN_API_KEY", "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL", "OPENAI_TEMPERATURE",
     "OPENAI_MAX_TOKENS", "OPENAI_TIMEOUT", "OPENAI_MAX_RETRIES", "OPENAI_RETRY_BASE_DELAY",
-    "LLM_DEADLINE", "DAILY_LIMIT", "AI_CHAT_TIMEZONE", "CONTEXT_MESSAGES",
-    "CONTEXT_MAX_CHARS", "USER_CONTEXT_URL", "USER_CONTEXT_TIMEOUT", "USER_CONTEXT_API_KEY",
-    "MAX_CONTENT_LENGTH", "GUNICORN_THREADS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW",
-    "PROXY_FIX_COUNT", "LOG_LEVEL", "LOG_FORMAT",
+    "LLM_DEADLINE", "REQUEST_DEADLINE", "MIN_ANSWER_SECONDS", "QUEUE_TIMEOUT", "DAILY_LIMIT",
+    "AI_CHAT_TIMEZONE", "CONTEXT_MESSAGES", "CONTEXT_MAX_CHARS", "USER_CONTEXT_URL",
+    "USER_CONTEXT_TIMEOUT", "USER_CONTEXT_API_KEY", "MAX_CONTENT_LENGTH", "AI_CHAT_PORT",
+    "WEB_CONCURRENCY", "GUNICORN_THREADS", "DB_POOL_SIZE", "DB_MAX_OVERFLOW", "DB_POOL_TIMEOUT",
+    "DB_STATEMENT_TIMEOUT", "DB_LOCK_TIMEOUT", "PROXY_FIX_COUNT", "LOG_LEVEL", "LOG_FORMAT",
+    "RESPONSE_FORMAT", "STREAM_SNAPSHOT_INTERVAL", "STREAM_MAX_SECONDS",
+    "STREAM_KEEPALIVE_SECONDS", "STREAM_WRITE_TIMEOUT",
+    # v1.1: models, providers, spend and memory
+    "LLM_PROVIDERS", "LLM_MODELS", "LLM_FALLBACK_MODELS", "LLM_BREAKER_FAILURES",
+    "LLM_BREAKER_OPEN_SECONDS", "LLM_PRICES", "PRICE_CURRENCY", "DAILY_SPEND_LIMIT",
+    "ALERT_SPEND_PER_HOUR", "SUMMARY_ENABLED", "SUMMARY_MODEL", "SUMMARY_MAX_CHARS",
+    "SUMMARY_EVERY", "SUMMARY_THREADS",
+    # v1.2: the main server and its tools, Redis
+    "MAIN_SERVER_URL", "MAIN_SERVER_API_KEY", "TOOLS_ENABLED", "TOOLS_MAX_ROUNDS",
+    "TOOL_TIMEOUT", "TOOL_RESULT_MAX_CHARS", "TOOL_CACHE_SECONDS",
+    "MAIN_SERVER_BREAKER_FAILURES", "MAIN_SERVER_BREAKER_OPEN_SECONDS",
+    "LLM_MODELS_WITHOUT_TOOLS", "REDIS_URL", "REDIS_TIMEOUT", "REDIS_PREFIX", "ANSWER_CACHE",
+    "ANSWER_CACHE_TTL", "REDIS_USER_CACHE",
 )
+PROVIDER_KEY_PREFIX = "LLM_PROVIDER_"
 
 BOT_TIMEOUT_SECONDS = 60
 
@@ -39,6 +57,44 @@ def bare_environment(monkeypatch):
     """The process environment without any of the service's settings."""
     for name in SETTINGS:
         monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith(PROVIDER_KEY_PREFIX):
+            monkeypatch.delenv(name)
+
+
+class ReadNames(dict):
+    """An environment mapping that notes every name asked of it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return super().get(name, default)
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def __contains__(self, name):
+        self.read.add(name)
+        return super().__contains__(name)
+
+
+def test_settings_lists_every_setting_the_service_reads():
+    from app.config import load_config
+
+    # Only parsed, never connected to. PostgreSQL: its statement timeouts are read too.
+    env = ReadNames({
+        "API_SECRET_KEY": "k", "DATABASE_URL": "postgresql://u@db/x",
+        "LLM_PROVIDERS": "local=http://ollama:11434/v1",
+    })
+    load_config(env)
+
+    provider_keys = {name for name in env.read if name.startswith(PROVIDER_KEY_PREFIX)}
+    assert provider_keys == {"LLM_PROVIDER_LOCAL_API_KEY"}
+    assert env.read - provider_keys == set(SETTINGS)
 
 
 @pytest.fixture
@@ -309,19 +365,10 @@ def test_error_mapping_does_not_import_the_metrics_module():
 
 # --- v1.2: the main server and its tools ---------------------------------------------
 
-TOOL_SETTINGS = (
-    "MAIN_SERVER_URL", "MAIN_SERVER_API_KEY", "TOOLS_ENABLED", "TOOLS_MAX_ROUNDS",
-    "TOOL_TIMEOUT", "TOOL_RESULT_MAX_CHARS", "TOOL_CACHE_SECONDS",
-    "MAIN_SERVER_BREAKER_FAILURES", "MAIN_SERVER_BREAKER_OPEN_SECONDS",
-    "LLM_MODELS_WITHOUT_TOOLS", "LLM_MODELS", "LLM_PROVIDERS",
-)
-
 
 @pytest.fixture
-def tools_app(bare_environment, sqlite_url, monkeypatch):
+def tools_app(bare_environment, sqlite_url):
     """Builds an app from the tool settings given, nothing else of them set."""
-    for name in TOOL_SETTINGS:
-        monkeypatch.delenv(name, raising=False)
     return lambda **env: create_app({"API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, **env})
 
 
@@ -482,10 +529,7 @@ def test_answer_cache_accepts_the_usual_yes_and_no_words(raw, expected):
     assert redis_settings({"ANSWER_CACHE": raw})["ANSWER_CACHE"] is expected
 
 
-def test_redis_settings_reach_the_app_config(sqlite_url, monkeypatch):
-    for name in ("REDIS_URL", "REDIS_TIMEOUT", "REDIS_PREFIX", "ANSWER_CACHE",
-                 "ANSWER_CACHE_TTL", "REDIS_USER_CACHE"):
-        monkeypatch.delenv(name, raising=False)
+def test_redis_settings_reach_the_app_config(bare_environment, sqlite_url):
     app = create_app({
         "API_SECRET_KEY": "k", "DATABASE_URL": sqlite_url, "REDIS_URL": "redis://redis:6379",
         "REDIS_TIMEOUT": "0.2", "REDIS_PREFIX": "wb:", "ANSWER_CACHE": "no",

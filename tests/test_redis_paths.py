@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -22,7 +23,7 @@ from tests.conftest import Api, exchange_count, freeze_app, request_count, serve
 from tests.fake_llm import ok, status, tool_calls
 from tests.fake_main_server import API_KEY as MAIN_KEY
 from tests.fake_main_server import FakeMainServer
-from tests.servers import send_all_at_once
+from tests.servers import post_send, send_all_at_once
 from tests.test_round_trips import counted  # noqa: F401  (a fixture)
 from tests.test_stream import read_stream
 
@@ -211,18 +212,27 @@ def test_an_answered_send_with_the_context_in_redis_reads_no_context_rows(
 
 @pytest.mark.parametrize("change", ["refund", "reset", "limit", "midnight"])
 def test_a_refusal_is_never_served_after_the_quota_changed(
-    redis_api, fake_llm, sql, change
+    redis_api, redis_env, fake_llm, sql, change
 ):
     api = redis_api(DAILY_LIMIT="2", OPENAI_MAX_RETRIES="0")
     app = api.client.application
     if change == "refund":
         answered(api.send(1))
-        fake_llm.script(ok(delay=0.5), status(500))
-        with served(app) as url:
-            # The second send's unit is taken, then refunded; meanwhile a
-            # third refused by PostgreSQL wrote "2 of 2" to Redis.
-            replies = send_all_at_once([(url, 1), (url, 1)])
-        assert sorted(code for code, _ in replies) in ([200, 502], [429, 502], [200, 429])
+        fake_llm.script(status(500, delay=1.5))
+        with served(app) as url, ThreadPoolExecutor(max_workers=1) as pool:
+            # The second send's unit is taken (its model call has come in)...
+            failing = pool.submit(post_send, url, 1)
+            assert fake_llm.wait_for(lambda: fake_llm.calls == 2, timeout=10)
+            # ...a third, refused by PostgreSQL, writes "2 of 2" to Redis...
+            refused, _ = post_send(url, 1)
+            with redis_py.Redis.from_url(redis_env["REDIS_URL"], decode_responses=True) as client:
+                limits_key = app.extensions["cache"].key("limits", 1)
+                assert client.hget(limits_key, "used") == "2"
+            # ...then the model fails and the second's unit is refunded.
+            failed, _ = failing.result(timeout=30)
+        assert (refused, failed) == (429, 502)
+        assert fake_llm.calls == 2
+        assert request_count(sql, 1) == 1
     else:
         answered(api.send(1))
         answered(api.send(1))
@@ -238,8 +248,8 @@ def test_a_refusal_is_never_served_after_the_quota_changed(
     used = request_count(sql, 1)
     limits = api.limits(1).get_json()
     assert limits["requests_today"] == (used if change != "midnight" else 0)
-    if used < limits["daily_limit"] or change in ("reset", "limit", "midnight"):
-        assert answered(api.send(1, message="Ещё вопрос"))
+    # Every change left room for another answer: no stale refusal is served.
+    assert answered(api.send(1, message="Ещё вопрос"))
 
 
 def test_a_copy_of_the_context_that_missed_an_exchange_is_not_used(redis_api, fake_llm, sql):

@@ -197,8 +197,6 @@ def test_a_spend_cap_of_zero_answers_nothing(priced, fake_llm, sql, history):
 
 
 def test_summaries_count_against_the_spend_of_the_day(make_app, fake_llm, sql):
-    from app.chat import memory
-
     app = make_app(LLM_PRICES=PRICES, SUMMARY_ENABLED="true")
     api = Api(app.test_client())
     for number in range(10):
@@ -207,8 +205,6 @@ def test_summaries_count_against_the_spend_of_the_day(make_app, fake_llm, sql):
         lambda: sql("SELECT count(*) FROM ai_chat_llm_calls WHERE purpose = 'summary'")[0][0] == 1,
         timeout=10,
     )
-    with app.app_context():
-        memory.due_users()  # the fold is over: nothing pending
 
     spend = sql("SELECT spend FROM ai_chat_daily_limits WHERE telegram_id = 3")[0][0]
     assert spend == sum(cost for *_, cost in costs(sql, 3))

@@ -28,6 +28,7 @@ from app.mainserver import (
     TOOLS,
     MainServer,
     MemoryCache,
+    RedisResults,
     ToolCall,
     ToolSettings,
     assistant_message,
@@ -476,11 +477,9 @@ def test_an_open_circuit_answers_at_once_without_calling(main):
                         settings=ToolSettings(cache_seconds=0))
     main.fail = True
     run_one(client, "get_dashboard"), run_one(client, "get_sales")
-    started = time.monotonic()
 
     result = run_one(client, "get_reviews")
 
-    assert time.monotonic() - started < 0.1
     assert result.outcome == "breaker_open"
     assert parsed(result)["error"] == "данные продавца сейчас недоступны"
     assert main.calls == 2
@@ -502,16 +501,13 @@ def test_a_body_of_an_unexpected_shape_is_passed_on_not_an_exception(client, mai
 
 def test_the_calls_of_a_round_overlap(client, main):
     main.delay = 0.5
-    started = time.monotonic()
 
     results = run_calls(client, [call("get_sales"), call("get_reviews")], SELLER, 5)
 
-    elapsed = time.monotonic() - started
     assert [r.outcome for r in results] == ["ok", "ok"]
     assert main.max_in_flight == 2
     first, second = main.requests
     assert first["started"] < second["ended"] and second["started"] < first["ended"]
-    assert 0.5 <= elapsed < 0.95  # one call's latency, not two
 
 
 def test_results_come_in_call_order_whatever_finishes_first(client, main):
@@ -531,36 +527,42 @@ def test_results_come_in_call_order_whatever_finishes_first(client, main):
                          ids=["tool_timeout", "request_budget"])
 def test_a_hanging_server_holds_a_round_no_longer_than_its_bound(main, tool_timeout, budget):
     client = make_client(main, timeout=tool_timeout)
-    main.delay = 30
-    started = time.monotonic()
+    # Past the 0.4 s bound, within the other (10 s): a round that ignored
+    # the bound under test would wait for the answers and get "ok".
+    main.delay = 2
 
     results = run_calls(client, [call("get_sales"), call("get_reviews")], SELLER, budget)
 
-    assert time.monotonic() - started < 1.2
     assert [r.outcome for r in results] == ["timeout", "timeout"]
 
 
 def test_a_round_is_bounded_even_when_every_pool_thread_is_stuck(main):
-    client = make_client(main, timeout=3.0)
-    main.delay = 1.5
-    # Fill every thread of the pool with calls that take 1.5 s.
+    client = make_client(main, timeout=30.0)
+    main.delay = 30
+    # Fill every thread of the pool with calls that hold it until the fake
+    # hangs up on them (``main.reset()`` below).
     rounds = POOL_THREADS // MAX_CALLS_PER_ROUND
     filler = [call("get_dashboard", call_id=f"c{i}") for i in range(MAX_CALLS_PER_ROUND)]
     busy = [
-        threading.Thread(target=run_calls, args=(client, filler, SELLER + n, 3.0))
+        threading.Thread(target=run_calls, args=(client, filler, SELLER + n, 30.0))
         for n in range(rounds)
     ]
     for thread in busy:
         thread.start()
     assert main.wait_for(lambda: main.in_flight == POOL_THREADS, timeout=10)
-    started = time.monotonic()
 
     [result] = run_calls(client, [call("get_reviews")], SELLER, 0.3)
 
-    assert time.monotonic() - started < 0.8
+    # It returned while every filler still held its pool thread, without
+    # waiting for one to free: its call never reached the server.
+    assert all(thread.is_alive() for thread in busy)
+    assert main.in_flight == POOL_THREADS
+    assert "/reviews/summary" not in main.paths
     assert result.outcome == "timeout"
+    main.reset()  # the fillers' slow answers hang up at once
     for thread in busy:
         thread.join(10)
+    assert not any(thread.is_alive() for thread in busy)
 
 
 def test_no_budget_left_answers_every_call_as_timed_out(client, main):
@@ -663,18 +665,19 @@ def test_cache_keys_carry_the_seller():
     )
 
 
-def test_a_cache_that_fails_is_a_miss(main):
-    class BrokenCache:
-        def get(self, key):
-            raise ConnectionError("redis down")
-
-        def set(self, key, value, ttl):
-            raise ConnectionError("redis down")
-
+def test_a_cache_that_fails_is_a_miss(main, make_cache, throwaway_redis):
     client = make_client(main, cache_seconds=60)
-    client.cache = BrokenCache()
+    client.cache = RedisResults(make_cache(throwaway_redis.url))
+    # Up, the results are kept in Redis...
+    assert [run_one(client, "get_dashboard").outcome for _ in range(2)] == ["ok", "cached"]
+    assert main.calls == 1
+    throwaway_redis.kill()
 
-    assert run_one(client, "get_dashboard").outcome == "ok"
+    # ...down, every call is a miss that reaches the server, never an error.
+    outcomes = [run_one(client, "get_dashboard").outcome for _ in range(2)]
+
+    assert outcomes == ["ok", "ok"]
+    assert main.calls == 3
 
 
 def test_memory_cache_keeps_its_size_bounded():
@@ -718,11 +721,9 @@ def test_an_oversized_result_loses_items_from_the_end_and_says_so(main):
 def test_a_server_that_ignores_the_limit_is_cut_quickly(main):
     client = make_client(main)
     main.set_body(SELLER, "/orders/recent", many_orders(5000))
-    started = time.monotonic()
 
     result = run_one(client, "get_recent_orders")
 
-    assert time.monotonic() - started < 3
     assert len(result.content) <= 6000
     kept = parsed(result)["data"]["orders"]
     assert 10 < len(kept) < 5000
@@ -766,11 +767,9 @@ def test_dashboard_text_failures_give_none_and_are_counted(client, main, mode, o
     else:
         main.delay = 5
     before = counted("get_dashboard", outcome)
-    started = time.monotonic()
 
     assert dashboard_text(client, SELLER, 0.3) is None
 
-    assert time.monotonic() - started < 1.2
     assert counted("get_dashboard", outcome) == before + 1
 
 
