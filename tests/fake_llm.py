@@ -140,7 +140,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tests.servers import serve_until_signalled
+from tests.servers import poll_until, serve_until_signalled
 
 __all__ = [
     "FakeLLM",
@@ -1339,12 +1339,7 @@ class FakeLLM:
         self, predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01
     ) -> bool:
         """Poll ``predicate`` until it is true or ``timeout`` passes; its last verdict."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(interval)
-        return True
+        return poll_until(predicate, timeout, interval)
 
     # ------------------------------------------------------------- recording
 

@@ -66,7 +66,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from tests.servers import serve_until_signalled
+from tests.servers import poll_until, serve_until_signalled
 
 __all__ = ["API_KEY", "BASE_PATH", "FakeMainServer", "review", "NO_CABINET"]
 
@@ -559,12 +559,7 @@ class FakeMainServer:
 
     def wait_for(self, predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
         """Poll ``predicate`` until it is true or ``timeout`` passes; its last verdict."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(interval)
-        return True
+        return poll_until(predicate, timeout, interval)
 
     # ------------------------------------------------------------- serving
 
